@@ -1,0 +1,182 @@
+"""The Llama decoder (Touvron et al. 2023, "Llama 2"), as used by LLaVA-1.5 (Vicuna-v1.5).
+
+Pre-norm transformer: RMSNorm -> attention with rotary position embeddings (RoPE, rotate-half form)
+and grouped-query attention -> residual; RMSNorm -> SwiGLU MLP -> residual. Module and parameter
+names follow the Hugging Face ``LlamaForCausalLM`` so a checkpoint's keys map one to one.
+
+Two ways to run it:
+
+- ``forward(input_ids | inputs_embeds)``: the whole sequence at once, causal mask, no cache. Used for
+  training and for scoring log-probs.
+- ``forward_cached(inputs_embeds, cache, ...)``: new tokens attend to what ``cache`` already holds for
+  their row and are written into it. Prefill (a whole prompt into empty rows) and decode (one token
+  per row) are the two uses; see ``lvlm.kv_cache``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlamaConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` (Zhang & Sennrich 2019), computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of RoPE angles (Su et al. 2021), ``[B, T, head_dim]`` for ``positions`` [B, T].
+
+    Frequencies ``theta^(-2i/head_dim)``; angles computed in float32, then cast to ``dtype``. The
+    half-split layout (the angle vector repeated twice) goes with ``rotate_half``.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, heads, T, head_dim] by the angles whose cos/sin are [B, T, head_dim]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads (Ainslie et al. 2023) and RoPE."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, *, cache: KVCache | None = None, layer: int = 0,
+                positions: torch.Tensor | None = None, attend_len: int | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv != self.n_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            cache.write(layer, k, v, positions)
+            S = attend_len or cache.max_seq
+            keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # [B, Hkv, S, Dh]
+            # Query t of row b sees cache positions 0 .. positions[b, t] (its prefix and itself).
+            visible = torch.arange(S, device=x.device) <= positions[:, :, None]  # [B, T, S]
+            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                                 attn_mask=visible[:, None], enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, **cache_args):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, **cache_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, the decoder layers and the final norm (HF ``LlamaModel``)."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama with its language-model head; ``logits = lm_head(norm(decoder(embeddings)))``."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, hidden]`` of a whole sequence, causal, no cache."""
+        B, T, _ = inputs_embeds.shape
+        positions = torch.arange(T, device=inputs_embeds.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None):
+        """Logits ``[B, T, vocab]`` for a whole (right-padded) batch."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        return self.lm_head(self.hidden_states(inputs_embeds))
+
+    def forward_cached(self, inputs_embeds: torch.Tensor, cache: KVCache, *, attend_len: int | None = None,
+                       n_new: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``inputs_embeds`` [B, T, hidden] as the next T positions of each cache row.
+
+        Token t of row b goes to position ``cache.lengths[b] + t``, attends to the row's earlier positions
+        and itself, and its key/value are written there. Afterwards ``cache.lengths += n_new`` (default T;
+        pass the per-row count of real tokens when rows are right-padded). ``attend_len`` bounds the key
+        positions looked at (prefill into empty rows passes T); the default, the whole cache, keeps
+        shapes static for CUDA-graph capture. Returns final-normed hidden states [B, T, hidden].
+        The caller keeps ``lengths + T <= cache.max_seq``.
+        """
+        B, T, _ = inputs_embeds.shape
+        positions = cache.lengths[:, None] + torch.arange(T, device=inputs_embeds.device)  # [B, T]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache=cache, layer=i, positions=positions, attend_len=attend_len)
+        cache.lengths.add_(T if n_new is None else n_new)
+        return self.model.norm(x)

@@ -1,0 +1,85 @@
+"""Cached decoding must reproduce the full forward: prefill + token-by-token decode vs. one pass."""
+
+import torch
+
+from lvlm.config import preset
+from lvlm.kv_cache import KVCache
+from lvlm.llava import LlavaForConditionalGeneration
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = preset("tiny-llava")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    return cfg, model
+
+
+def _row(cfg, n_text_before, n_images, n_text_after, g):
+    V, img = cfg.text_config.vocab_size, cfg.image_token_index
+    ids = lambda n: [int(t) for t in torch.randint(4, V, (n,), generator=g)]  # noqa: E731
+    return ids(n_text_before) + [img] * (cfg.image_tokens_per_image * n_images) + ids(n_text_after)
+
+
+def test_prefill_then_decode_matches_full_forward():
+    cfg, model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    # Three rows of different lengths: one image, no image, two images.
+    rows = [_row(cfg, 3, 1, 5, g), _row(cfg, 7, 0, 2, g), _row(cfg, 2, 2, 4, g)]
+    n_images = 3
+    size = cfg.vision_config.image_size
+    pixels = torch.randn(n_images, 3, size, size, generator=g)
+    prompt_len = [len(r) - 4 for r in rows]  # prefill all but the last 4 tokens, then decode them
+    T_full = max(len(r) for r in rows)
+
+    padded = torch.zeros(len(rows), T_full, dtype=torch.long)
+    for b, r in enumerate(rows):
+        padded[b, : len(r)] = torch.tensor(r)
+    with torch.no_grad():
+        full = model(padded, pixels)  # [B, T, V]
+
+        T_prompt = max(prompt_len)
+        prompts = torch.zeros(len(rows), T_prompt, dtype=torch.long)
+        for b, r in enumerate(rows):
+            prompts[b, : prompt_len[b]] = torch.tensor(r[: prompt_len[b]])
+        cache = KVCache.allocate(cfg.text_config, len(rows), 64)
+        logits = model.prefill(prompts, torch.tensor(prompt_len), cache, pixels)
+        for b in range(len(rows)):
+            torch.testing.assert_close(logits[b], full[b, prompt_len[b] - 1], atol=1e-5, rtol=1e-5)
+        assert cache.lengths.tolist() == prompt_len
+        for step in range(4):
+            tokens = torch.tensor([rows[b][prompt_len[b] + step] for b in range(len(rows))])
+            logits = model.decode(tokens, cache)
+            for b in range(len(rows)):
+                torch.testing.assert_close(logits[b], full[b, prompt_len[b] + step], atol=1e-5, rtol=1e-5)
+        assert cache.lengths.tolist() == [p + 4 for p in prompt_len]
+
+
+def test_reorder_forks_rows():
+    cfg, model = _tiny_model()
+    g = torch.Generator().manual_seed(2)
+    row = _row(cfg, 5, 0, 0, g)
+    with torch.no_grad():
+        one = KVCache.allocate(cfg.text_config, 1, 32)
+        model.prefill(torch.tensor([row]), torch.tensor([len(row)]), one)
+        many = KVCache.allocate(cfg.text_config, 3, 32)
+        many.k[:, :1].copy_(one.k)
+        many.v[:, :1].copy_(one.v)
+        many.lengths[:1] = one.lengths
+        many.reorder_(torch.zeros(3, dtype=torch.long))
+        logits = model.decode(torch.tensor([7, 9, 7]), many)
+        ref = model(torch.tensor([row + [7], row + [9]]))[:, -1]
+    torch.testing.assert_close(logits[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], ref[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[2], logits[0])
+
+
+def test_image_token_count_mismatch_is_a_clear_error():
+    cfg, model = _tiny_model()
+    ids = torch.tensor([[5, 6] + [cfg.image_token_index] * (cfg.image_tokens_per_image - 1)])
+    pixels = torch.zeros(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    try:
+        model(ids, pixels)
+    except ValueError as e:
+        assert "image-token positions" in str(e) and "1 image(s)" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")

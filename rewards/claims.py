@@ -1,0 +1,249 @@
+"""RLAIF-V's "divide" and "conquer" steps, rule-based: response -> claims -> yes/no questions.
+
+RLAIF-V (Yu et al., arXiv 2405.17220, Sec. 3.2) scores a response by (1) dividing it into
+atomic claims, (2) turning every claim into a yes/no question, (3) asking a labeler model each
+question (`rewards/labeler.py`) and (4) counting the rejected claims. The released code does
+(1) and (2) with a fine-tuned 8B language model; this file gives rule-based versions that need
+no model (good enough for plain descriptive text, and exact on the synthetic world's
+sentences), plus the prompt texts and the output parser for the model-based versions.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+__all__ = [
+    "split_claims",
+    "claim_to_question",
+    "labeler_prompt",
+    "YES_NO_SUFFIX",
+    "SPLIT_PROMPT",
+    "QUESTION_PROMPT",
+    "split_prompt",
+    "question_prompt",
+    "parse_dash_lines",
+]
+
+MIN_CLAIM_CHARS = 4  # shorter fragments are dropped (CSR drops sentences under 4 characters)
+
+# ----------------------------------------------------------------------------------------
+# Divide: split a response into claims
+# ----------------------------------------------------------------------------------------
+
+# A list marker at the start of a line: "1. ", "2) ", "(3) ", "- ", "* ", "• ".
+_LIST_MARKER = re.compile(r"^\s*(?:\(?\d{1,3}[.)]|[-*\u2022])\s+")
+# A possible sentence end: ".", "!" or "?" (a run of them), optional closing quotes or
+# brackets, then whitespace. "3.5" is never a candidate: no whitespace follows the period.
+_SENTENCE_END = re.compile(r"([.!?])[.!?]*[\"'\u201d\u2019)\]]*(\s+)")
+
+# Abbreviations after which a period never ends a sentence.
+_NEVER_FINAL = {"dr", "mr", "mrs", "ms", "prof", "st", "vs", "e.g", "i.e", "cf", "approx", "fig"}
+# Abbreviations that may end a sentence: split only when the next word is capitalised.
+_MAYBE_FINAL = {"etc", "jr", "sr", "inc", "ltd", "co"}
+
+
+def _period_ends_sentence(text: str, period_at: int, next_char: str) -> bool:
+    """Whether the "." at text[period_at] ends a sentence, given the next non-space character."""
+    before = text[:period_at].split()
+    word = before[-1].lstrip("([{\"'\u201c\u2018") if before else ""
+    lowered = word.lower()
+    if lowered in _NEVER_FINAL:
+        return False
+    if len(word) == 1 and word.isalpha() and word.isupper():  # an initial: "J. Smith"
+        return False
+    if lowered in _MAYBE_FINAL or "." in word:  # "etc.", "U.S.", "a.m.", "Ph.D."
+        return not next_char.islower()
+    return True
+
+
+def _split_sentences(chunk: str) -> list[str]:
+    pieces, start = [], 0
+    for match in _SENTENCE_END.finditer(chunk):
+        next_char = chunk[match.end() : match.end() + 1]
+        if match.group(1) == "." and not _period_ends_sentence(chunk, match.start(1), next_char):
+            continue
+        pieces.append(chunk[start : match.start(2)])
+        start = match.end()
+    pieces.append(chunk[start:])
+    return pieces
+
+
+def split_claims(response: str, *, min_chars: int = MIN_CLAIM_CHARS) -> list[str]:
+    """Split a response into claims: its sentences and list items, in order.
+
+    Each line is a separate unit; a leading list marker ("1.", "2)", "-", "*", "•") is
+    removed. Inside a line, a sentence ends at ".", "!" or "?" followed by whitespace, except
+    after titles and Latin abbreviations ("Dr.", "Mr.", "Mrs.", "vs.", "e.g.", "i.e."), after
+    initials ("J. Smith"), and after "etc." or dotted abbreviations ("U.S.", "a.m.") when the
+    next word starts in lower case. Decimal numbers ("3.5") never split. Claims are stripped
+    and those shorter than `min_chars` characters are dropped.
+
+    Rule-based stand-in for RLAIF-V's model-based "divide" step (the released code rewrites
+    claims into self-contained sentences with a fine-tuned language model, see
+    `SPLIT_PROMPT`); pronouns are not resolved here.
+    """
+    claims = []
+    for line in response.splitlines():
+        line = _LIST_MARKER.sub("", line, count=1)
+        for sentence in _split_sentences(line):
+            sentence = sentence.strip()
+            if len(sentence) >= min_chars:
+                claims.append(sentence)
+    return claims
+
+
+# ----------------------------------------------------------------------------------------
+# Conquer: claim -> yes/no question
+# ----------------------------------------------------------------------------------------
+
+YES_NO_SUFFIX = " Please answer yes or no."
+
+_BE = {"is", "are", "was", "were"}
+_HAVE = {"has": "Does", "have": "Do", "had": "Did"}
+_AUXILIARIES = {"does", "do", "did", "can", "could", "will", "would", "should", "may", "might", "must"}
+# Words a noun-phrase subject commonly starts with; the "The X is Y" rule only fires for these.
+_SUBJECT_STARTS = {
+    "the", "a", "an", "this", "that", "these", "those", "it", "he", "she", "they", "we", "you",
+    "his", "her", "its", "their", "our", "my", "your", "some", "several", "many", "few", "both",
+    "all", "each", "every", "one", "two", "three", "four", "five", "six", "seven", "eight",
+    "nine", "ten", "another", "other", "no", "most", "only",
+}  # fmt: skip
+_MAX_SUBJECT_WORDS = 8
+
+
+def _lower_first(text: str) -> str:
+    """Lower-case the first letter unless the first word looks like a name or is "I".
+
+    Kept as written: "I" and its contractions ("I'm"), all-capital words ("TV", "NASA") and
+    words with a capital after the first letter ("iPhone", "McDonald"). Other names
+    ("John") cannot be told from ordinary words without a lexicon and are lower-cased.
+    """
+    if not text:
+        return text
+    first = text.split()[0]
+    core = re.sub(r"[^A-Za-z']", "", first)
+    if core == "I" or core.startswith("I'"):
+        return text
+    if len(core) > 1 and (core.isupper() or any(c.isupper() for c in core[1:])):
+        return text
+    return text[0].lower() + text[1:]
+
+
+def claim_to_question(claim: str) -> str:
+    """Turn a declarative claim into a yes/no question, by rule.
+
+    Shapes handled (the first verb-like word decides; negations are kept):
+      "There is a red circle on the left." -> "Is there a red circle on the left?"
+      "There are two boxes."               -> "Are there two boxes?"
+      "The X is Y." / "The X are Y."       -> "Is the X Y?" / "Are the X Y?"
+        (any subject of at most 8 words starting with a determiner, pronoun or number)
+      "X has Y." / "X have Y." / "X had Y." -> "Does X have Y?" / "Do X have Y?" / "Did X have Y?"
+      "X has been Y." -> "Has X been Y?";  "X can Y." -> "Can X Y?"; "X does not Y." -> "Does X not Y?"
+    Anything else: "Is it true that <claim>?" with the final period removed and the first
+    letter lower-cased unless it starts with "I" or looks like a name (see `_lower_first`).
+    A claim that already ends with "?" is returned unchanged.
+
+    Rule-based stand-in for RLAIF-V's model-based conversion (`QUESTION_PROMPT`).
+    """
+    text = claim.strip()
+    if text.endswith("?"):
+        return text
+    text = text.rstrip(" .!;:")
+    if not text:
+        raise ValueError(f"claim_to_question: claim {claim!r} has no words")
+    words = text.split()
+    lowered = [w.lower() for w in words]
+
+    if len(words) > 2 and lowered[0] == "there" and lowered[1] in _BE:
+        return f"{lowered[1].capitalize()} there {' '.join(words[2:])}?"
+
+    for k in range(1, min(len(words) - 1, _MAX_SUBJECT_WORDS + 1)):
+        verb = lowered[k]
+        if verb not in _BE and verb not in _HAVE and verb not in _AUXILIARIES:
+            continue
+        subject = " ".join(words[:k])
+        rest = " ".join(words[k + 1 :])
+        if any(ch in subject for ch in ",;:"):
+            break  # an introductory clause, not a subject: use the fallback
+        if verb in _BE:
+            if lowered[0] in _SUBJECT_STARTS:
+                return f"{verb.capitalize()} {_lower_first(subject)} {rest}?"
+            break
+        if verb in _HAVE:
+            if lowered[k + 1] in {"been", "got", "not"}:  # auxiliary "has": move it
+                return f"{verb.capitalize()} {_lower_first(subject)} {rest}?"
+            return f"{_HAVE[verb]} {_lower_first(subject)} have {rest}?"
+        return f"{verb.capitalize()} {_lower_first(subject)} {rest}?"  # can / does / will ...
+
+    return f"Is it true that {_lower_first(text)}?"
+
+
+def labeler_prompt(question: str) -> str:
+    """The question as put to the labeler model: `question + " Please answer yes or no."` (RLAIF-V)."""
+    return question + YES_NO_SUFFIX
+
+
+# ----------------------------------------------------------------------------------------
+# Model-based divide and conquer: prompt texts and the output parser
+# ----------------------------------------------------------------------------------------
+# These are the user-turn texts of the RLAIF-V release's splitter and question converter
+# (two fine-tuned Llama-3-8B models). They are reproduced exactly because those models were
+# trained on exactly these inputs; wrap them in the splitter model's own chat template.
+
+SPLIT_PROMPT = (
+    "You are an expert in extracting facts from the given question-answer pair for an image. "
+    "Your task is to extract and rewrite the facts mentioned in the question-answer pair into "
+    "self-contained sentences. Exclude opinions or subjective statements.\n\n"
+    "You should present your result in the following format:\n"
+    "### Facts:\n"
+    "- {Extracted fact 1}\n"
+    "- {Extracted fact 2}\n"
+    "- ...\n\n"
+    "### Question-answer pair:\n"
+)
+
+QUESTION_PROMPT = (
+    "You are an expert at modifying a given declarative sentence into a general question "
+    "sentence. Your task is to modify the given declarative sentences one by one into a general "
+    "question form. Do not change tenses or add extra content.\n"
+    "    If the given declarative sentence contains not, no or negative meaning words, you need "
+    "to check the modified general interrogative sentence to make sure that the generated "
+    "general question sentence retains words with not , no or negative meaning words.\n\n"
+    "You should present your result in the following format:\n"
+    "### Modified sentences:\n"
+    "- {Modified sentence 1}\n"
+    "- {Modified sentence 2}\n"
+    "- ...\n\n"
+    "### Declarative sentences:"
+)
+
+
+def split_prompt(question: str, answer: str, *, max_words: int = 300) -> str:
+    """Splitter input: `SPLIT_PROMPT` + "Question: {question}\\nAnswer: {answer}".
+
+    As released, the whole text is cut to its first `max_words` space-separated words.
+    """
+    content = SPLIT_PROMPT + "Question: " + question + "\nAnswer: " + answer
+    return " ".join(content.split(" ")[:max_words])
+
+
+def question_prompt(claims: Iterable[str]) -> str:
+    """Converter input: `QUESTION_PROMPT` followed by "\\n- {claim}\\n" for each claim."""
+    return QUESTION_PROMPT + "".join(f"\n- {claim}\n" for claim in claims)
+
+
+def parse_dash_lines(text: str) -> list[str]:
+    """The items of a model's "- " list: the text after "- " on each line that starts so.
+
+    Other lines ("### Facts:", blank lines, chatter) are ignored; items are stripped and
+    empty ones dropped.
+    """
+    items = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("- ") or line == "-":
+            item = line[1:].strip()
+            if item:
+                items.append(item)
+    return items

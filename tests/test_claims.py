@@ -1,0 +1,83 @@
+"""RLAIF-V divide and conquer, rule-based: claim splitting and claim -> yes/no question."""
+
+import pytest
+
+from rewards.claims import (
+    QUESTION_PROMPT,
+    SPLIT_PROMPT,
+    claim_to_question,
+    labeler_prompt,
+    parse_dash_lines,
+    question_prompt,
+    split_claims,
+    split_prompt,
+)
+
+
+def test_split_claims_abbreviations_and_decimals():
+    text = "Dr. Smith bought 3.5 kg of apples, e.g. red ones, in the U.S. He left."
+    assert split_claims(text) == ["Dr. Smith bought 3.5 kg of apples, e.g. red ones, in the U.S.", "He left."]
+
+
+def test_split_claims_initials_etc_titles():
+    text = "J. R. Smith has pens, cups, etc. and more. Mr. Lee vs. Ms. Kim? Yes."
+    assert split_claims(text) == ["J. R. Smith has pens, cups, etc. and more.", "Mr. Lee vs. Ms. Kim?", "Yes."]
+
+
+def test_split_claims_list_items_and_short_fragments():
+    text = "Objects:\n1. A red circle.\n2) A blue box. It is big!\n- Green disk\n* ok\n\n"
+    assert split_claims(text) == ["Objects:", "A red circle.", "A blue box.", "It is big!", "Green disk"]
+
+
+def test_split_claims_lower_case_sentences():
+    # Word-level tokenizers may lower-case everything; sentences must still split.
+    assert split_claims("the cat sits. the dog runs.") == ["the cat sits.", "the dog runs."]
+
+
+@pytest.mark.parametrize(
+    "claim, question",
+    [
+        ("There is a red circle on the left.", "Is there a red circle on the left?"),
+        ("There are two boxes.", "Are there two boxes?"),
+        ("There is no cat.", "Is there no cat?"),
+        ("The box is red.", "Is the box red?"),
+        ("The boxes are red.", "Are the boxes red?"),
+        ("A man is riding a horse.", "Is a man riding a horse?"),
+        ("The dog has a ball.", "Does the dog have a ball?"),
+        ("Birds have wings.", "Do birds have wings?"),
+        ("The cup has been broken.", "Has the cup been broken?"),
+        ("It can fly.", "Can it fly?"),
+        ("The dog does not have a ball.", "Does the dog not have a ball?"),
+        ("Red circles appear twice.", "Is it true that red circles appear twice?"),
+        ("I see a cat.", "Is it true that I see a cat?"),
+        ("NASA built the rocket.", "Is it true that NASA built the rocket?"),
+        ("Looking closely, the cat is black.", "Is it true that looking closely, the cat is black?"),
+        ("Is it red?", "Is it red?"),
+    ],
+)
+def test_claim_to_question(claim, question):
+    assert claim_to_question(claim) == question
+
+
+def test_claim_to_question_empty():
+    with pytest.raises(ValueError, match="no words"):
+        claim_to_question(" . ")
+
+
+def test_labeler_prompt_exact_suffix():
+    assert labeler_prompt("Is there a dog?") == "Is there a dog? Please answer yes or no."
+
+
+def test_parse_dash_lines():
+    text = "### Facts:\n- A cat.\n-   B dog  \n\nnot a fact\n- \n  - indented item\n"
+    assert parse_dash_lines(text) == ["A cat.", "B dog", "indented item"]
+
+
+def test_model_prompts():
+    assert question_prompt(["a b.", "c d."]) == QUESTION_PROMPT + "\n- a b.\n\n- c d.\n"
+    assert QUESTION_PROMPT.endswith("### Declarative sentences:")
+    assert "### Facts:\n- {Extracted fact 1}\n- {Extracted fact 2}\n- ...\n\n" in SPLIT_PROMPT
+    rendered = split_prompt("Describe it.", "A cat.")
+    assert rendered == SPLIT_PROMPT + "Question: Describe it.\nAnswer: A cat."
+    long_answer = " ".join(["word"] * 400)
+    assert len(split_prompt("Q?", long_answer).split(" ")) == 300

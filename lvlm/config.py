@@ -213,6 +213,8 @@ class LlavaConfig:
         if "image_token_id" in d and "image_token_index" not in d:  # transformers >= 4.5x spelling
             d["image_token_index"] = d["image_token_id"]
         text = dict(d.get("text_config") or {})
+        if d.get("tie_word_embeddings"):  # transformers 5 ties when either level says so
+            text["tie_word_embeddings"] = True
         if "vocab_size" in d and "vocab_size" not in text:  # old LLaVA files keep it at the top level
             text["vocab_size"] = d["vocab_size"]
         return cls(

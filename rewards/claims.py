@@ -5,13 +5,14 @@ atomic claims, (2) turning every claim into a yes/no question, (3) asking a labe
 question (`rewards/labeler.py`) and (4) counting the rejected claims. The released code does
 (1) and (2) with a fine-tuned 8B language model; this file gives rule-based versions that need
 no model (good enough for plain descriptive text, and exact on the synthetic world's
-sentences), plus the prompt texts and the output parser for the model-based versions.
+sentences), plus the model-based versions: prompt texts (our own wording), the output
+parser, and functions that run them through a caller-supplied text generator.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 __all__ = [
     "split_claims",
@@ -23,7 +24,13 @@ __all__ = [
     "split_prompt",
     "question_prompt",
     "parse_dash_lines",
+    "split_claims_with_model",
+    "split_claims_with_model_batch",
+    "claims_to_questions_with_model",
+    "claims_to_questions_with_model_batch",
 ]
+
+GenerateFn = Callable[[list[str]], list[str]]  # prompts -> one completion each, in order
 
 MIN_CLAIM_CHARS = 4  # shorter fragments are dropped (CSR drops sentences under 4 characters)
 
@@ -187,50 +194,58 @@ def labeler_prompt(question: str) -> str:
 # ----------------------------------------------------------------------------------------
 # Model-based divide and conquer: prompt texts and the output parser
 # ----------------------------------------------------------------------------------------
-# These are the user-turn texts of the RLAIF-V release's splitter and question converter
-# (two fine-tuned Llama-3-8B models). They are reproduced exactly because those models were
-# trained on exactly these inputs; wrap them in the splitter model's own chat template.
+# Our own wording of the two instructions the RLAIF-V release gives its splitter and its
+# question converter (two fine-tuned Llama-3-8B models). Same structure and intent: a task
+# statement, the output format as a "- " list under a "###" header, then the input under a
+# second "###" header. They are not the released texts, so a released splitter model may do
+# a little worse on them; to drive one with the exact inputs it was trained on, pass your
+# own copy of its text as `instructions=`. Wrap the result in the splitter model's own chat
+# template.
 
 SPLIT_PROMPT = (
-    "You are an expert in extracting facts from the given question-answer pair for an image. "
-    "Your task is to extract and rewrite the facts mentioned in the question-answer pair into "
-    "self-contained sentences. Exclude opinions or subjective statements.\n\n"
-    "You should present your result in the following format:\n"
+    "Below is a question about an image and an answer to it. List every fact that the "
+    "answer states about the image. Write each fact as a sentence that can be understood "
+    "on its own: repeat the thing it is about instead of using a pronoun. Leave out "
+    "opinions, feelings and other subjective remarks.\n\n"
+    "Write the result in exactly this form:\n"
     "### Facts:\n"
-    "- {Extracted fact 1}\n"
-    "- {Extracted fact 2}\n"
+    "- {first fact}\n"
+    "- {second fact}\n"
     "- ...\n\n"
-    "### Question-answer pair:\n"
+    "### Question and answer:\n"
 )
 
 QUESTION_PROMPT = (
-    "You are an expert at modifying a given declarative sentence into a general question "
-    "sentence. Your task is to modify the given declarative sentences one by one into a general "
-    "question form. Do not change tenses or add extra content.\n"
-    "    If the given declarative sentence contains not, no or negative meaning words, you need "
-    "to check the modified general interrogative sentence to make sure that the generated "
-    "general question sentence retains words with not , no or negative meaning words.\n\n"
-    "You should present your result in the following format:\n"
-    "### Modified sentences:\n"
-    "- {Modified sentence 1}\n"
-    "- {Modified sentence 2}\n"
+    "Rewrite each statement below as a question that can be answered with yes or no. Handle "
+    "the statements one at a time and in order. Keep the tense of each statement and add "
+    "nothing to its content.\n"
+    "If a statement contains a negation (such as not, no or never), the question must keep "
+    "that negation: check every question for it before you write it down.\n\n"
+    "Write the result in exactly this form:\n"
+    "### Questions:\n"
+    "- {first question}\n"
+    "- {second question}\n"
     "- ...\n\n"
-    "### Declarative sentences:"
+    "### Statements:"
 )
 
 
-def split_prompt(question: str, answer: str, *, max_words: int = 300) -> str:
-    """Splitter input: `SPLIT_PROMPT` + "Question: {question}\\nAnswer: {answer}".
+def split_prompt(question: str, answer: str, *, max_words: int = 300, instructions: str = SPLIT_PROMPT) -> str:
+    """Splitter input: `instructions` + "Question: {question}\\nAnswer: {answer}".
 
     As released, the whole text is cut to its first `max_words` space-separated words.
+    `instructions` defaults to our `SPLIT_PROMPT`.
     """
-    content = SPLIT_PROMPT + "Question: " + question + "\nAnswer: " + answer
+    content = instructions + "Question: " + question + "\nAnswer: " + answer
     return " ".join(content.split(" ")[:max_words])
 
 
-def question_prompt(claims: Iterable[str]) -> str:
-    """Converter input: `QUESTION_PROMPT` followed by "\\n- {claim}\\n" for each claim."""
-    return QUESTION_PROMPT + "".join(f"\n- {claim}\n" for claim in claims)
+def question_prompt(claims: Iterable[str], *, instructions: str = QUESTION_PROMPT) -> str:
+    """Converter input: `instructions` followed by "\\n- {claim}\\n" for each claim.
+
+    `instructions` defaults to our `QUESTION_PROMPT`.
+    """
+    return instructions + "".join(f"\n- {claim}\n" for claim in claims)
 
 
 def parse_dash_lines(text: str) -> list[str]:
@@ -247,3 +262,79 @@ def parse_dash_lines(text: str) -> list[str]:
             if item:
                 items.append(item)
     return items
+
+
+# ----------------------------------------------------------------------------------------
+# Model-based divide and conquer: prompt -> generate_fn -> "- " list
+# ----------------------------------------------------------------------------------------
+# The text generator is the caller's: `generate_fn(prompts: list[str]) -> list[str]`, one
+# completion per prompt, in order (e.g. a search-engine call wrapped by a recipe). This
+# package imports only `lvlm`, so it never builds a decoder itself.
+
+
+def _generate(generate_fn: GenerateFn, prompts: list[str], where: str) -> list[str]:
+    outputs = list(generate_fn(prompts))
+    if len(outputs) != len(prompts):
+        raise ValueError(f"{where}: generate_fn returned {len(outputs)} texts for {len(prompts)} prompts")
+    for i, out in enumerate(outputs):
+        if not isinstance(out, str):
+            raise ValueError(f"{where}: generate_fn returned {type(out).__name__} for prompt {i}, expected str")
+    return outputs
+
+
+def split_claims_with_model_batch(
+    generate_fn: GenerateFn,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    min_chars: int = MIN_CLAIM_CHARS,
+    max_words: int = 300,
+    instructions: str = SPLIT_PROMPT,
+) -> list[list[str]]:
+    """RLAIF-V's model-based "divide" for many (question, answer) pairs in one generate_fn call.
+
+    Each pair becomes `split_prompt(question, answer)`; the model's reply is read with
+    `parse_dash_lines`, and items shorter than `min_chars` characters are dropped (the same
+    rule as `split_claims`). Returns one list of claims per pair, in input order.
+    Source: RLAIF-V (arXiv 2405.17220, Sec. 3.2), the released splitter's input/output format.
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"split_claims_with_model_batch: {len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        return []
+    prompts = [split_prompt(q, a, max_words=max_words, instructions=instructions) for q, a in zip(questions, answers)]
+    outputs = _generate(generate_fn, prompts, "split_claims_with_model_batch")
+    return [[c for c in parse_dash_lines(out) if len(c) >= min_chars] for out in outputs]
+
+
+def split_claims_with_model(generate_fn: GenerateFn, question: str, answer: str, **options) -> list[str]:
+    """The claims of one answer by the model-based splitter (see `split_claims_with_model_batch`)."""
+    return split_claims_with_model_batch(generate_fn, [question], [answer], **options)[0]
+
+
+def claims_to_questions_with_model_batch(
+    generate_fn: GenerateFn, claim_lists: Sequence[Sequence[str]], *, instructions: str = QUESTION_PROMPT
+) -> list[list[str]]:
+    """RLAIF-V's model-based claim -> yes/no question conversion, one prompt per claim list.
+
+    All claims of one response go into one `question_prompt` (as released: the converter
+    rewrites a whole list at once); the reply is read with `parse_dash_lines`. The model may
+    return a different number of questions than it was given claims: the lists are returned
+    as they are (RLAIF-V drops a response pair whose judged-claim count does not match, see
+    `rewards.pairs`). An empty claim list gives [] without calling the model. The questions
+    come without the " Please answer yes or no." suffix (`labeler_prompt` adds it).
+    """
+    claim_lists = [list(claims) for claims in claim_lists]
+    asked = [i for i, claims in enumerate(claim_lists) if claims]
+    results: list[list[str]] = [[] for _ in claim_lists]
+    if asked:
+        prompts = [question_prompt(claim_lists[i], instructions=instructions) for i in asked]
+        outputs = _generate(generate_fn, prompts, "claims_to_questions_with_model_batch")
+        for i, out in zip(asked, outputs):
+            results[i] = parse_dash_lines(out)
+    return results
+
+
+def claims_to_questions_with_model(generate_fn: GenerateFn, claims: Sequence[str], **options) -> list[str]:
+    """The yes/no questions for one response's claims (see `claims_to_questions_with_model_batch`)."""
+    return claims_to_questions_with_model_batch(generate_fn, [claims], **options)[0]

@@ -6,15 +6,19 @@ scalar head at the final token. In the fact-augmented version the evaluation tur
 ground-truth captions of the image (5 COCO captions, or A-OKVQA rationales), in shuffled
 order, so the reward model can check the response against them.
 
-The strings below are the released prompt files (`RLHF/prompts/fact_rlhf_reward_prompt.txt`
-and `RLHF/prompts/reward_prompt.txt`) and the `FACTUAL_PROMPT` constant, reproduced exactly —
-including the curly apostrophe in "AI’s" under "2. Helpful" and the straight one in the
-caption header — because a released reward model was trained on exactly these tokens.
+The evaluation text below is our own wording. It keeps the released prompt's structure and
+the fragments our spec quotes (ANCHORS section 3): the opening request "USER: Please evaluate
+the quality of your last response.", the four numbered criteria "1. Accurate:" (ending
+"inconsistent with the image."), "2. Helpful", "3. Language Natural" and "4. Concise", the
+facts header and its "  - {caption}" lines, and the closing "ASSISTANT: Following your
+definitions, the quality score of my last response is". The sentences in between are ours,
+in plain ASCII. Our reward model (`rewards/reward_model.py`) is trained with this text; it is
+not meant to drive a reward model released by LLaVA-RLHF, which saw slightly different tokens.
 
 Assembly, as released: the conversation renders as
 `{system} USER: <image>\\n{question} ASSISTANT: {response}</s>`, then the evaluation text is
-appended after one space (the release reads the prompt file as " " + text.strip()). "</s>"
-stands for the end-of-sequence token: tokenize it as the special token, not as characters.
+appended after one space. "</s>" stands for the end-of-sequence token: tokenize it as the
+special token, not as characters (`rewards.reward_model.reward_inputs` does).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import random
 from typing import Sequence
 
 __all__ = [
+    "PROMPT_TEXTS",
     "FACTS_HEADER",
     "EVALUATION_HEAD",
     "EVALUATION_TAIL",
@@ -35,21 +40,21 @@ IMAGE_TOKEN = "<image>"
 END_OF_TURN = "</s>"
 
 EVALUATION_HEAD = (
-    "USER: Please evaluate the quality of your last response. There are several dimensions "
-    "you should consider in your evaluation:\n\n"
-    "1. Accurate: The AI should provide factual and accurate information from the image, and "
-    "refrain from making statements that are not supported by the image or inconsistent with "
-    "the image."
+    "USER: Please evaluate the quality of your last response. Judge it against each of the "
+    "four criteria below.\n\n"
+    "1. Accurate: Every statement in the response should match what the image really shows; "
+    "the response should claim nothing that the image does not show or that is "
+    "inconsistent with the image."
 )
 
 EVALUATION_TAIL = (
-    "2. Helpful: The AI\u2019s response should precisely serve the user's needs and interests, "
-    "while grounding the response in the image.\n"
-    "3. Language Natural: The AI should employ language that flows smoothly and is free from "
-    "repetitive or awkward constructs.\n"
-    "4. Concise: The AI should efficiently address the task or answer the question, "
-    "communicating the necessary information with brevity and clarity.\n\n"
-    "A good response should be accurate, helpful, language natural, and concise. "
+    "2. Helpful: The response should do what the user asked for, and base its answer on what "
+    "can be seen in the image.\n"
+    "3. Language Natural: The response should read fluently, without repeated phrases or "
+    "clumsy sentences.\n"
+    "4. Concise: The response should give the information that is needed briefly and "
+    "clearly, without filler.\n\n"
+    "The best response meets all four criteria. "
     "ASSISTANT: Following your definitions, the quality score of my last response is"
 )
 
@@ -57,6 +62,11 @@ FACTS_HEADER = (
     "Specifically, the AI's response should be fully supported by the combination of the "
     "following captions:\n"
 )
+
+
+# Every fixed text of the prompt: what a tokenizer's vocabulary must cover (the synthetic
+# world's word-level tokenizer is built with these as extra texts).
+PROMPT_TEXTS = (EVALUATION_HEAD, FACTS_HEADER, EVALUATION_TAIL)
 
 
 def facts_block(captions: Sequence[str], *, seed: int | None = None) -> str:
@@ -95,7 +105,7 @@ def fact_prompt(
     seed: int | None = None,
     use_facts: bool = True,
 ) -> str:
-    """The full reward-model input text of Fact-RLHF (LLaVA-RLHF, as released).
+    """The full reward-model input text of Fact-RLHF (LLaVA-RLHF's assembly, our evaluation wording).
 
     `{system} USER: <image>\\n{question} ASSISTANT: {response}</s> ` + `evaluation_turn(...)`
 

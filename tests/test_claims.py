@@ -6,10 +6,14 @@ from rewards.claims import (
     QUESTION_PROMPT,
     SPLIT_PROMPT,
     claim_to_question,
+    claims_to_questions_with_model,
+    claims_to_questions_with_model_batch,
     labeler_prompt,
     parse_dash_lines,
     question_prompt,
     split_claims,
+    split_claims_with_model,
+    split_claims_with_model_batch,
     split_prompt,
 )
 
@@ -75,9 +79,56 @@ def test_parse_dash_lines():
 
 def test_model_prompts():
     assert question_prompt(["a b.", "c d."]) == QUESTION_PROMPT + "\n- a b.\n\n- c d.\n"
-    assert QUESTION_PROMPT.endswith("### Declarative sentences:")
-    assert "### Facts:\n- {Extracted fact 1}\n- {Extracted fact 2}\n- ...\n\n" in SPLIT_PROMPT
+    assert QUESTION_PROMPT.endswith("### Statements:")
+    assert "### Facts:\n- {first fact}\n- {second fact}\n- ...\n\n" in SPLIT_PROMPT
+    assert SPLIT_PROMPT.endswith("### Question and answer:\n")
     rendered = split_prompt("Describe it.", "A cat.")
     assert rendered == SPLIT_PROMPT + "Question: Describe it.\nAnswer: A cat."
     long_answer = " ".join(["word"] * 400)
     assert len(split_prompt("Q?", long_answer).split(" ")) == 300
+    assert split_prompt("Q?", "A.", instructions="Go:\n") == "Go:\nQuestion: Q?\nAnswer: A."
+    assert question_prompt(["x y."], instructions="Do:") == "Do:\n- x y.\n"
+
+
+class ScriptedGenerator:
+    """A stand-in for a text generator: records the prompts, answers from a fixed script."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.calls = []
+
+    def __call__(self, prompts):
+        self.calls.append(list(prompts))
+        out, self.replies = self.replies[: len(prompts)], self.replies[len(prompts) :]
+        return out
+
+
+def test_split_claims_with_model():
+    reply = "### Facts:\n- There is a red circle.\n- ok\n- The circle is at the top.\nThat is all."
+    gen = ScriptedGenerator([reply])
+    claims = split_claims_with_model(gen, "Describe it.", "A red circle sits at the top.")
+    assert claims == ["There is a red circle.", "The circle is at the top."]  # "ok" is under 4 chars
+    assert gen.calls == [[SPLIT_PROMPT + "Question: Describe it.\nAnswer: A red circle sits at the top."]]
+
+
+def test_split_claims_with_model_batch_one_call():
+    gen = ScriptedGenerator(["- A b c.", "nothing", "- D e f.\n- G h i."])
+    got = split_claims_with_model_batch(gen, ["q1", "q2", "q3"], ["a1", "a2", "a3"])
+    assert got == [["A b c."], [], ["D e f.", "G h i."]]
+    assert len(gen.calls) == 1 and len(gen.calls[0]) == 3
+    assert gen.calls[0][1] == split_prompt("q2", "a2")
+    with pytest.raises(ValueError, match="2 questions but 1 answers"):
+        split_claims_with_model_batch(gen, ["q1", "q2"], ["a1"])
+    with pytest.raises(ValueError, match="returned 0 texts for 1 prompts"):
+        split_claims_with_model(ScriptedGenerator([]), "q", "a")
+
+
+def test_claims_to_questions_with_model():
+    gen = ScriptedGenerator(["### Questions:\n- Is there a red circle?\n- Is the circle not blue?"])
+    got = claims_to_questions_with_model(gen, ["There is a red circle.", "The circle is not blue."])
+    assert got == ["Is there a red circle?", "Is the circle not blue?"]
+    assert gen.calls == [[QUESTION_PROMPT + "\n- There is a red circle.\n\n- The circle is not blue.\n"]]
+    gen = ScriptedGenerator(["- Q1?", "- Q2?\n- Q3?"])
+    assert claims_to_questions_with_model_batch(gen, [["c1"], [], ["c2", "c3"]]) == [["Q1?"], [], ["Q2?", "Q3?"]]
+    assert len(gen.calls[0]) == 2  # the empty claim list is not sent to the model
+    assert claims_to_questions_with_model(ScriptedGenerator([]), []) == []

@@ -1,11 +1,17 @@
-"""RLAIF-V labeler verdicts from hand-set first-token logits."""
+"""RLAIF-V labeler: verdicts from hand-set first-token logits; the batched forward against one prompt at a time."""
 
 import math
 
 import pytest
 import torch
 
-from rewards.labeler import claim_accepted, rejected_per_response, response_score, yes_no_probabilities
+from lvlm.config import preset
+from lvlm.llava import LlavaForConditionalGeneration
+from lvlm.tokenizer import Tokenizer, encode_prompt
+from rewards.claims import labeler_prompt
+from rewards.labeler import (answer_token_id, claim_accepted, label_questions, question_logits, rejected_per_response,
+                             response_score, yes_no_probabilities)
+from tiny_tokenizer import make_tiny_llama_style_tokenizer, tiny_tokenizer
 
 YES, YES_CAP, NO, NO_CAP = 0, 1, 2, 3  # token ids of "yes", "Yes", "no", "No"; id 4 is anything else
 
@@ -67,3 +73,79 @@ def test_rejected_counts_and_score():
     assert n_rejected.tolist() == [1, 0, 2]
     assert response_score(n_rejected).tolist() == [-1, 0, -2]
     assert response_score(3) == -3
+
+
+# -- the batched labeler forward ------------------------------------------------------------
+
+IMAGE_TOKENS = 4  # tiny-llava: 28 px images in 14 px patches
+
+
+@pytest.fixture(scope="module")
+def labeler():
+    config = preset("tiny-llava")
+    config.image_token_index = tiny_tokenizer().image_token_id  # the tokenizer's <image> (4)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def one_at_a_time(model, tok, pixel_values, questions):
+    """Reference: each full prompt alone through model(...), the logits at its last position, [Q, V]."""
+    rows = []
+    for q in questions:
+        ids = encode_prompt(tok, q, num_images=0 if pixel_values is None else 1,
+                            image_tokens_per_image=IMAGE_TOKENS)["input_ids"]
+        with torch.no_grad():
+            rows.append(model(ids[None], pixel_values)[0, -1])
+    return torch.stack(rows)
+
+
+QUESTIONS = [labeler_prompt(q) for q in (
+    "Is there a red circle?", "Is the blue square at the top left?", "Is there a red circle?",  # a repeat
+    "Is it green?", "How many stars are there in this picture?")]
+
+
+@pytest.mark.parametrize("max_rows", [64, 2])  # all rows at once; and chunks that reuse the shared head
+def test_forked_batch_equals_prompts_alone(labeler, max_rows):
+    tok = tiny_tokenizer()
+    pixel_values = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    reference = one_at_a_time(labeler, tok, pixel_values, QUESTIONS)
+    got = question_logits(labeler, tok, pixel_values, QUESTIONS, image_tokens_per_image=IMAGE_TOKENS,
+                          max_rows=max_rows)
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
+
+    p_yes, p_no, accepted = label_questions(labeler, tok, pixel_values, QUESTIONS, image_tokens_per_image=IMAGE_TOKENS,
+                                            max_rows=max_rows)
+    probs = torch.softmax(reference.double(), dim=-1)
+    ref_yes = probs[:, [tok.token_id("yes"), tok.token_id("Yes")]].sum(-1)
+    ref_no = probs[:, [tok.token_id("no"), tok.token_id("No")]].sum(-1)
+    torch.testing.assert_close(p_yes.double(), ref_yes, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(p_no.double(), ref_no, atol=1e-6, rtol=1e-4)
+    assert accepted.tolist() == (ref_yes > ref_no).tolist()
+
+
+def test_text_only_and_single_question(labeler):
+    tok = tiny_tokenizer()
+    for questions in (QUESTIONS[:2], QUESTIONS[3:4]):
+        got = question_logits(labeler, tok, None, questions, image_tokens_per_image=IMAGE_TOKENS)
+        torch.testing.assert_close(got, one_at_a_time(labeler, tok, None, questions), atol=1e-5, rtol=0)
+    empty = label_questions(labeler, tok, None, [], image_tokens_per_image=IMAGE_TOKENS)
+    assert [tuple(t.shape) for t in empty] == [(0,), (0,), (0,)]
+
+
+def test_answer_token_ids(tmp_path):
+    tok = tiny_tokenizer()
+    assert answer_token_id(tok, "Yes") == tok.token_id("Yes")
+    assert answer_token_id(tok, "no") == tok.token_id("no")
+    with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
+        answer_token_id(tok, "Maybe")
+    sp = Tokenizer.from_file(make_tiny_llama_style_tokenizer(tmp_path))
+    assert answer_token_id(sp, "No") == sp.token_id("\u2581No")  # the word-start form, not the bare "No"
+    assert sp.token_id("\u2581No") != sp.token_id("No")
+    with pytest.raises(ValueError, match="bare word-start token"):
+        answer_token_id(sp, "yes")  # this small BPE spells " yes" as "\u2581" "y" "es"
+
+
+def test_label_questions_bad_image(labeler):
+    with pytest.raises(ValueError, match=r"one image \[1, 3, H, W\]"):
+        label_questions(labeler, tiny_tokenizer(), torch.zeros(2, 3, 28, 28), QUESTIONS,
+                        image_tokens_per_image=IMAGE_TOKENS)

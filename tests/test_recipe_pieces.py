@@ -1,0 +1,95 @@
+"""The recipes' shared pieces: run directory checks, rank-split resumable collection, DPO on pairs."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from lvlm.config import preset
+from lvlm.llava import LlavaForConditionalGeneration
+from optim.train import TrainConfig
+from recipes._dpo import PreferencePairs, add_reference_logps, collate_pairs, dpo_loss_fn, response_logps, train_dpo
+from recipes._run import collect, format_table, open_run, write_summary
+from tests.tiny_tokenizer import tiny_tokenizer
+
+
+def test_open_run_refuses_a_directory_of_another_config(tmp_path):
+    open_run(tmp_path / "run", "csr", {"lam": 0.9, "iterations": 3})
+    open_run(tmp_path / "run", "csr", {"lam": 0.9, "iterations": 3})  # same config: a rerun
+    with pytest.raises(ValueError, match=r"lam: 0.9 there, 0.0 now"):
+        open_run(tmp_path / "run", "csr", {"lam": 0.0, "iterations": 3})
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["lam"] == 0.9
+
+
+def test_collect_killed_and_rerun_has_no_duplicates_or_gaps(tmp_path):
+    calls = []
+
+    def work(batch, crash_at=None):
+        calls.extend(batch)
+        if crash_at is not None and crash_at in batch:
+            raise KeyboardInterrupt  # the job is killed in the middle of a batch
+        return [{"value": x * x} for x in batch]
+
+    items = list(range(10))
+    with pytest.raises(KeyboardInterrupt):
+        collect(items, lambda b: work(b, crash_at=7), tmp_path, "data", batch_size=3)
+    shard = (tmp_path / "data.rank0.jsonl").read_text().splitlines()
+    assert len(shard) == 6  # two whole batches landed before the kill
+    calls.clear()
+    records = collect(items, work, tmp_path, "data", batch_size=3)
+    assert calls == [6, 7, 8, 9]  # the rerun only did what was missing
+    assert [r["value"] for r in records] == [x * x for x in items]
+    assert [r["key"] for r in records] == [f"{i:08d}" for i in items]
+
+
+def test_summary_shape_and_table(tmp_path):
+    m = {"chair_s": 0.5, "chair_i": 0.2, "recall": 0.9, "pope_acc": 0.8, "pope_f1": 0.8, "yes_ratio": 0.5,
+         "mc_acc": 0.7}
+    summary = write_summary(tmp_path, "csr", m, [dict(m, chair_s=0.2)], 12.0)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary and set(on_disk) == {"recipe", "baseline", "iterations", "final", "seconds"}
+    assert on_disk["final"]["chair_s"] == 0.2
+    assert "50.0" in format_table([("baseline", m)])
+
+
+def _tiny_setup():
+    tok = tiny_tokenizer()
+    cfg = preset("tiny-llava")
+    cfg = dataclasses.replace(cfg, image_token_index=tok.image_token_id,
+                              text_config=dataclasses.replace(cfg.text_config, vocab_size=max(128, tok.vocab_size)))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg)
+    records = [{"key": f"{i:08d}", "question": "Describe the image .", "image": i,
+                "chosen": "There is a red circle .", "rejected": "There is a blue star on the left ."}
+               for i in range(8)]
+
+    def load_image(seed):
+        from PIL import Image
+        return Image.new("RGB", (28, 28), (seed * 20, 100, 50))
+
+    pairs = PreferencePairs(records, tok, load_image=load_image, image_size=cfg.vision_config.image_size,
+                            image_tokens_per_image=cfg.image_tokens_per_image)
+    return tok, model, pairs
+
+
+def test_dpo_against_itself_is_log2_and_training_raises_the_margin(tmp_path):
+    tok, model, pairs = _tiny_setup()
+    add_reference_logps(model, pairs, batch_size=3)
+    batch = collate_pairs([pairs[i] for i in range(4)], pad_id=tok.pad_id)
+    assert batch["input_ids"].shape[0] == 8 and batch["pixel_values"].shape[0] == 8
+    model.eval()
+    loss, metrics = dpo_loss_fn(beta=0.1)(model, batch)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
+
+    def margin():
+        with torch.no_grad():
+            logps, _ = response_logps(model, collate_pairs([pairs[i] for i in range(8)], pad_id=tok.pad_id))
+        chosen, rejected = logps.chunk(2)
+        return (chosen - rejected).mean().item()
+
+    before = margin()
+    config = TrainConfig(out_dir=str(tmp_path / "dpo"), lr=5e-3, max_steps=6, global_batch_size=4,
+                         micro_batch_size=2, warmup_ratio=0.0, log_every=1e9)
+    train_dpo(model, pairs, config, beta=0.1, lora=None)
+    assert margin() > before + 0.5

@@ -1,0 +1,396 @@
+"""Supervised fine-tuning of a LLaVA-style model on conversations (visual instruction tuning).
+
+    python recipes/sft.py                                   # the built-in world: its aligned model + SFT mixture
+    python recipes/sft.py --model DIR --data llava_v1_5_mix665k.json --images DIR --out runs/sft
+    torchrun --nproc_per_node 8 recipes/sft.py --model DIR --data FILE --images DIR --out DIR
+
+LLaVA-1.5's second stage (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning",
+Sec. 3 and its released training code): the model reads `{system} USER: <image>\\n{q1}
+ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...` and is trained with next-token
+cross-entropy on the assistant answers only (each answer's tokens and its "</s>"); the system
+prompt, the questions and the image positions carry no loss. By default the projector and the
+language model are trained and the vision tower stays frozen, as released.
+
+The pieces, each usable on its own:
+
+- ``sft_loss(model, batch)``: the loss for ``optim.train`` (per-example mean over assistant
+  tokens, then the mean over the micro-batch: the loop's convention);
+- ``collate_sft(examples, pad_id=...)``: pads ids and masks, stacks the images of the rows that
+  have one (text-only rows carry none, and no image tokens);
+- ``ConversationDataset``: conversation records -> encoded examples, on access; every record is
+  checked once when the dataset is built, so a bad record or a missing image fails before training;
+- ``load_llava_conversations(path, images)``: LLaVA's conversation JSON (or JSONL) -> records;
+- ``set_trainable(model, ...)`` and ``train_sft(...)``: freezing and the call into ``optim.train``.
+
+A record is ``{"turns": [(question, answer), ...], "image": <reference or None>, "where": str}``;
+``load_image(reference)`` (given to the dataset) turns the reference into a PIL image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lvlm.checkpoint import copy_tokenizer, load_lvlm, save_lvlm  # noqa: E402
+from lvlm.image import load_image as load_image_file  # noqa: E402
+from lvlm.image import preprocess_image  # noqa: E402
+from lvlm.records import read_data_file  # noqa: E402
+from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_conversation, pad_batch  # noqa: E402
+from optim.distributed import is_main_process  # noqa: E402
+from optim.logprobs import sequence_logprobs  # noqa: E402
+from optim.train import TrainConfig, TrainResult, train  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------------------------
+
+
+def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy on the assistant tokens (LLaVA's SFT objective).
+
+    batch: ``input_ids`` [B, T] (right-padded), ``assistant_mask`` [B, T] bool (True on answer tokens
+    and their "</s>"), ``pixel_values`` [N, 3, H, W] or None. The logits at position t predict token
+    t + 1, so the labels are ``input_ids[:, 1:]`` scored where ``assistant_mask[:, 1:]``. Each example's
+    loss is the mean negative log-likelihood over its own assistant tokens; the batch loss is the mean
+    over examples (``optim.train``'s convention: the result does not depend on how a global batch is
+    cut into micro-batches). The released LLaVA code averages over all tokens of a micro-batch instead,
+    which weighs long answers more. A row with no assistant token contributes 0.
+
+    Returns (loss, metrics): ``tokens`` (assistant tokens scored) and ``token_accuracy`` (argmax hits).
+    """
+    ids, mask = batch["input_ids"], batch["assistant_mask"]
+    logits = model(ids, batch.get("pixel_values"))  # [B, T, V]
+    logits, labels, scored = logits[:, :-1], ids[:, 1:], mask[:, 1:]
+    mean_logp = sequence_logprobs(logits, labels, scored, average=True)  # [B], float32
+    with torch.no_grad():
+        hits = ((logits.argmax(-1) == labels) & scored).sum()
+        n_tokens = scored.sum()
+    metrics = {"tokens": n_tokens, "token_accuracy": hits.float() / n_tokens.clamp_min(1)}
+    return -mean_logp.mean(), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+# ---------------------------------------------------------------------------------------------
+
+
+def collate_sft(examples: Sequence[dict], *, pad_id: int, image_token_id: int | None = None,
+                image_tokens_per_image: int | None = None) -> dict:
+    """Examples -> one batch for ``sft_loss``.
+
+    examples: dicts with ``input_ids`` [T_i] long, ``assistant_mask`` [T_i] bool and ``pixel_values``
+    [n_i, 3, H, W] or None. Ids are right-padded with ``pad_id``, masks with False; the images of all
+    rows are concatenated in row order (the order in which the model consumes image-token blocks), and
+    rows without an image add none. When ``image_token_id`` and ``image_tokens_per_image`` are given,
+    every row is checked: image-token count == n_i x tokens per image.
+    Returns {"input_ids" [B, T], "assistant_mask" [B, T], "pixel_values" [sum n_i, 3, H, W] or None}.
+    """
+    if not examples:
+        raise ValueError("collate_sft: got no examples")
+    images = []
+    for i, example in enumerate(examples):
+        pixels = example.get("pixel_values")
+        n_images = 0 if pixels is None else pixels.shape[0]
+        if image_token_id is not None and image_tokens_per_image is not None:
+            n_slots = int((example["input_ids"] == image_token_id).sum())
+            if n_slots != n_images * image_tokens_per_image:
+                raise ValueError(f"collate_sft: example {i} has {n_slots} image-token positions but {n_images} "
+                                 f"image(s) of {image_tokens_per_image} tokens")
+        if pixels is not None:
+            images.append(pixels)
+    input_ids, _ = pad_batch([e["input_ids"] for e in examples], pad_id)
+    assistant_mask, _ = pad_batch([e["assistant_mask"] for e in examples], False)
+    return {"input_ids": input_ids, "assistant_mask": assistant_mask,
+            "pixel_values": torch.cat(images) if images else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+# ---------------------------------------------------------------------------------------------
+
+
+class ConversationDataset:
+    """Conversation records -> training examples (``input_ids``, ``assistant_mask``, ``pixel_values``).
+
+    records: dicts ``{"turns": [(question, answer), ...], "image": reference or None, "where": str}``
+    ("where" names the record in errors, e.g. "data.json record 17"). load_image: reference -> PIL
+    image (default: a file path, ``lvlm.image.load_image``), preprocessed here with
+    ``lvlm.image.preprocess_image``; or load_pixels: reference -> the preprocessed tensor [3, H, W]
+    (a cache of already preprocessed images). image_size: the vision tower's input side; image_tokens_per_image: positions per image
+    (``LlavaConfig.image_tokens_per_image``). max_length: longer examples are cut to this many tokens
+    (LLaVA's ``model_max_length`` truncation); one whose image tokens would be cut raises.
+
+    Building the dataset encodes every record once (``check=True``) so that a malformed record fails
+    here, before any training; examples are encoded again, and images loaded, on access.
+    """
+
+    def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, *, image_size: int, image_tokens_per_image: int,
+                 load_image: Callable | None = None, load_pixels: Callable | None = None,
+                 max_length: int | None = None, check: bool = True):
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.image_tokens_per_image = image_tokens_per_image
+        self.load_image = load_image or load_image_file
+        self.load_pixels = load_pixels
+        self.max_length = max_length
+        if not self.records:
+            raise ValueError("ConversationDataset: no records")
+        if check:
+            for record in self.records:
+                self._encode(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _encode(self, record: dict) -> dict:
+        where = record.get("where", "record")
+        num_images = 0 if record.get("image") is None else 1
+        try:
+            encoded = encode_conversation(self.tokenizer, record["turns"], num_images=num_images,
+                                          image_tokens_per_image=self.image_tokens_per_image)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{where}: {error}") from None
+        ids, mask = encoded["input_ids"], encoded["assistant_mask"]
+        if self.max_length is not None and len(ids) > self.max_length:
+            if num_images and self.tokenizer.image_token_id in ids[self.max_length:].tolist():
+                raise ValueError(f"{where}: {len(ids)} tokens; max_length={self.max_length} would cut the image "
+                                 "tokens (raise max_length)")
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+        if not bool(mask.any()):
+            raise ValueError(f"{where}: no assistant tokens to train on (empty answers, or cut by max_length)")
+        return {"input_ids": ids, "assistant_mask": mask}
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        example = self._encode(record)
+        example["pixel_values"] = None
+        if record.get("image") is not None:
+            if self.load_pixels is not None:
+                example["pixel_values"] = self.load_pixels(record["image"])[None]  # [1, 3, H, W]
+                return example
+            try:
+                image = self.load_image(record["image"])
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{record.get('where', 'record')}: {error}") from None
+            example["pixel_values"] = preprocess_image(image, size=self.image_size)[None]  # [1, 3, H, W]
+        return example
+
+
+HUMAN_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
+
+
+def load_llava_conversations(path: str | Path, images: str | Path | None) -> list[dict]:
+    """LLaVA's conversation file -> records for ``ConversationDataset`` (image references are file paths).
+
+    The file (JSON list, or JSONL) holds ``{"id": ..., "image": "x.jpg", "conversations": [{"from": "human",
+    "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; "image" may be absent (a text-only
+    conversation). Turns must alternate human / gpt, starting with human and ending with gpt; "<image>"
+    may appear only in the first human turn and only when the record has an image (the chat template puts
+    it in front of the question). Every image must exist under ``images``. All problems are reported at
+    once (the first 10), naming the file and record, before anything is trained.
+    """
+    path = Path(path)
+    data = read_data_file(path)  # FileNotFoundError / ValueError with file:line
+    problems, missing, records = [], [], []
+    images_dir = Path(images) if images is not None else None
+    for index, record in enumerate(data):
+        where = f"{path} record {index}" + (f" (id {record['id']!r})" if "id" in record else "")
+        conversation = record.get("conversations")
+        if not isinstance(conversation, list) or not conversation:
+            problems.append(f"{where}: 'conversations' must be a non-empty list")
+            continue
+        turns, question, bad = [], None, None
+        for k, message in enumerate(conversation):
+            if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+                bad = f"message {k} must be an object with a string 'value'"
+                break
+            role = message.get("from")
+            expect_human = k % 2 == 0
+            if (role in HUMAN_ROLES) != expect_human or role not in HUMAN_ROLES + ASSISTANT_ROLES:
+                bad = f"message {k} is from {role!r}; expected {'human' if expect_human else 'gpt'} (turns alternate)"
+                break
+            if expect_human:
+                question = message["value"]
+                if k > 0 and IMAGE_MARKER in question:
+                    bad = f"message {k} holds {IMAGE_MARKER!r}; only the first question may"
+                    break
+            else:
+                turns.append((question, message["value"]))
+        if bad is None and len(conversation) % 2:
+            bad = "the last message is a question with no answer"
+        image = record.get("image")
+        if bad is None and image is not None and not isinstance(image, str):
+            bad = f"'image' must be one file name (multi-image records are not supported), got {image!r}"
+        if bad is None and image is None and IMAGE_MARKER in turns[0][0]:
+            bad = f"the first question holds {IMAGE_MARKER!r} but the record has no 'image'"
+        if bad is None and image is not None and turns[0][0].count(IMAGE_MARKER) > 1:
+            bad = f"the first question holds {turns[0][0].count(IMAGE_MARKER)} {IMAGE_MARKER!r} markers; one image only"
+        if bad is not None:
+            problems.append(f"{where}: {bad}")
+            continue
+        image_path = None
+        if image is not None:
+            if images_dir is None:
+                problems.append(f"{where}: has an image ({image!r}) but no image folder was given (--images)")
+                continue
+            image_path = images_dir / image
+            if not image_path.is_file():
+                missing.append(f"{where}: {image_path}")
+                continue
+        records.append({"turns": turns, "image": None if image_path is None else str(image_path), "where": where})
+    if problems:
+        raise ValueError(f"{len(problems)} malformed record(s) in {path}:\n  " + "\n  ".join(problems[:10]))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image file(s) of {path} not found:\n  " + "\n  ".join(missing[:10]))
+    if not records:
+        raise ValueError(f"{path}: no conversations")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+
+def set_trainable(model, *, vision: bool = False, projector: bool = True, language_model: bool = True) -> int:
+    """Freeze / unfreeze the three parts of a LLaVA model; returns the number of trainable parameters.
+
+    LLaVA-1.5 as released: stage 1 trains the projector only, stage 2 the projector and the language
+    model; the vision tower stays frozen in both.
+    """
+    model.vision_tower.requires_grad_(vision)
+    model.multi_modal_projector.requires_grad_(projector)
+    model.language_model.requires_grad_(language_model)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def sft_collate_for(model, tokenizer: Tokenizer):
+    """``collate_sft`` bound to the model's pad / image ids (a picklable ``functools.partial``)."""
+    config = model.config
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (config.pad_token_id or 0)
+    return functools.partial(collate_sft, pad_id=pad_id, image_token_id=config.image_token_index,
+                             image_tokens_per_image=config.image_tokens_per_image)
+
+
+def train_sft(model, dataset: ConversationDataset, config: TrainConfig) -> TrainResult:
+    """SFT of ``model`` in place with ``optim.train`` (any freezing is set beforehand, ``set_trainable``)."""
+    return train(model, dataset, sft_loss, config, collate_fn=sft_collate_for(model, dataset.tokenizer))
+
+
+# ---------------------------------------------------------------------------------------------
+# the script
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig:
+    """The script's settings; ``--flag value`` overrides any field.
+
+    model/data/images None: the built-in world (its aligned stage-1 model, its SFT mixture, rendered
+    images), with the world's stage-2 settings as defaults (``recipes.world_models``).
+    """
+
+    model: str | None = None  # a Hugging Face LLaVA directory (tokenizer.json beside the weights)
+    data: str | None = None  # LLaVA conversation JSON / JSONL
+    images: str | None = None  # folder the records' "image" names are relative to
+    out: str = "runs/sft"
+    world_preset: str = "default"  # world only: which recipes.world_models preset
+    lr: float = 2e-5  # LLaVA-1.5 stage 2
+    epochs: int = 1
+    max_steps: int | None = None
+    global_batch_size: int = 128
+    micro_batch_size: int = 16
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 2048
+    train_vision: bool = False
+    train_projector: bool = True
+    train_language_model: bool = True
+    activation_checkpointing: bool = False
+    bf16: bool = True
+    save_every: int = 0
+    seed: int = 0
+
+
+def world_sft_defaults(config: SFTConfig) -> SFTConfig:
+    """The world preset's stage-2 settings in place of the real-model defaults (flags still win later)."""
+    from recipes.world_models import WORLD_PRESETS
+
+    if config.world_preset not in WORLD_PRESETS:
+        raise ValueError(f"unknown world preset {config.world_preset!r}; known: {', '.join(WORLD_PRESETS)}")
+    w = WORLD_PRESETS[config.world_preset]
+    return dataclasses.replace(config, lr=w.sft_lr, max_steps=w.sft_steps, global_batch_size=w.sft_batch,
+                               micro_batch_size=w.micro_batch, warmup_ratio=w.warmup_ratio,
+                               train_vision=w.sft_train_vision, max_length=w.lvlm_max_positions, out="runs/sft-world",
+                               seed=w.seed)
+
+
+def main(argv=None) -> None:
+    from recipes._common import add_config_arguments, config_from_args, print_config, set_cpu_threads
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_arguments(parser, SFTConfig())
+    args = parser.parse_args(argv)
+    config = config_from_args(args, SFTConfig())
+    world = config.model is None and config.data is None
+    if world:  # world defaults first, then the flags the user gave on top
+        config = config_from_args(args, world_sft_defaults(config_from_args(args, SFTConfig())))
+    elif config.model is None or config.data is None:
+        parser.error("give both --model and --data (and --images for records with images), or neither (the world)")
+    set_cpu_threads()
+    if is_main_process():
+        print_config(config, "sft")
+
+    if world:
+        from recipes.world_models import WORLD_PRESETS, ensure_world_models, world_sft_records
+
+        preset = WORLD_PRESETS[config.world_preset]
+        models = ensure_world_models(preset)
+        source = models.aligned
+        records = world_sft_records(preset)
+        load = functools.partial(_render_world_image, preset.world)
+    else:
+        source = Path(config.model)
+        records = load_llava_conversations(config.data, config.images)
+        load = None
+    tokenizer = Tokenizer.from_file(source)
+    model = load_lvlm(source, dtype=torch.float32)
+    dataset = ConversationDataset(records, tokenizer, image_size=model.config.vision_config.image_size,
+                                  image_tokens_per_image=model.config.image_tokens_per_image, load_image=load,
+                                  max_length=config.max_length)
+    n = set_trainable(model, vision=config.train_vision, projector=config.train_projector,
+                      language_model=config.train_language_model)
+    if is_main_process():
+        print(f"sft: {len(dataset)} conversations, {n:,} trainable parameters, from {source}", flush=True)
+    out = Path(config.out)
+    train_config = TrainConfig(out_dir=str(out / "train"), lr=config.lr, epochs=config.epochs,
+                               max_steps=config.max_steps, global_batch_size=config.global_batch_size,
+                               micro_batch_size=config.micro_batch_size, warmup_ratio=config.warmup_ratio,
+                               weight_decay=config.weight_decay, bf16=config.bf16, save_every=config.save_every,
+                               activation_checkpointing=config.activation_checkpointing, seed=config.seed)
+    result = train_sft(model, dataset, train_config)
+    if is_main_process():
+        save_lvlm(model, out)
+        copy_tokenizer(source, out)
+        print(f"sft: {result.step} steps, last loss {result.metrics.get('loss', float('nan')):.4f}; saved {out}",
+              flush=True)
+
+
+def _render_world_image(world_config, seed: int):
+    from lvlm.world import sample_scene
+
+    return sample_scene(int(seed), world_config).image()
+
+
+if __name__ == "__main__":
+    main()

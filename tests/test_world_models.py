@@ -1,0 +1,165 @@
+"""Tests of recipes/world_models.py: the micro chain, the cache (reuse, keys, atomic builds), determinism,
+CLIP's end-of-text pooling, the tokenizer's coverage of the Fact-RLHF prompt, and the NegCLIP loss."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer as RawTokenizer
+
+from lvlm.checkpoint import load_clip, load_lvlm
+from lvlm.tokenizer import Tokenizer
+from lvlm.world import captions, sample_scene
+from recipes import world_models as wm
+
+MICRO = wm.WORLD_PRESETS["micro"]
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, wm.ensure_world_models(MICRO, cache_dir=cache, verbose=False)
+
+
+def test_micro_chain_gives_loadable_checkpoints(micro):
+    cache, models = micro
+    assert models.root == cache / f"world-{wm.cache_key(MICRO)}"
+    clip = load_clip(models.clip)
+    assert clip.config.text_config.eos_token_id == wm.CLIP_EOS_ID != 2
+    for directory in (models.sft, models.labeler, models.aligned):
+        model = load_lvlm(directory)
+        assert model.config.image_tokens_per_image == (64 // MICRO.patch_size) ** 2
+        assert model.config.vision_feature_layer == -2
+        assert Tokenizer.from_file(directory).image_token_id == model.config.image_token_index
+    assert Tokenizer.from_file(models.tokenizer).vocab_size == clip.config.text_config.vocab_size
+    report = models.report()
+    assert 0.0 <= report["clip_present_over_absent"] <= 1.0
+    assert set(report["sft"]) >= {"chair_s", "recall", "pope_acc", "mc_acc"}
+    assert not (models.root / "train").exists()  # training checkpoints are not kept in the cache
+
+
+def test_the_llava_vision_tower_starts_as_clips(micro):
+    _, models = micro
+    clip, aligned = load_clip(models.clip), load_lvlm(models.aligned)
+    for key, value in clip.vision_model.state_dict().items():  # frozen in stage 1 (align_train_vision=False)
+        assert torch.equal(value, aligned.vision_tower.vision_model.state_dict()[key]), key
+
+
+def test_cache_is_reused(micro, monkeypatch):
+    cache, models = micro
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached models were rebuilt")
+
+    monkeypatch.setattr(wm, "build_world_models", no_training)
+    assert wm.ensure_world_models(MICRO, cache_dir=cache) == models
+
+
+def test_cache_key_follows_the_config():
+    assert wm.cache_key(MICRO) == wm.cache_key(dataclasses.replace(MICRO))
+    assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, seed=1))
+    assert wm.cache_key(MICRO) != wm.cache_key(
+        dataclasses.replace(MICRO, world=dataclasses.replace(MICRO.world, noise_share=0.3)))
+    assert wm.cache_key(MICRO) != wm.cache_key(wm.WORLD_PRESETS["default"])
+
+
+def test_builds_are_deterministic_and_atomic(micro, tmp_path, monkeypatch):
+    _, models = micro
+    # A build that dies in its last stage leaves no directory that looks complete ...
+    real_stage = wm._lvlm_stage
+
+    def dying_stage(c, name, *args, **kwargs):
+        if name == "labeler":
+            raise KeyboardInterrupt("killed")
+        return real_stage(c, name, *args, **kwargs)
+
+    monkeypatch.setattr(wm, "_lvlm_stage", dying_stage)
+    with pytest.raises(KeyboardInterrupt):
+        wm.ensure_world_models(MICRO, cache_dir=tmp_path, verbose=False)
+    root = tmp_path / models.root.name
+    assert not root.exists() and root.with_name(root.name + ".partial").is_dir()
+    # ... and the rerun finishes it, with weights identical to an uninterrupted build.
+    monkeypatch.setattr(wm, "_lvlm_stage", real_stage)
+    again = wm.ensure_world_models(MICRO, cache_dir=tmp_path, verbose=False)
+    assert (again.root / "complete").is_file() and not root.with_name(root.name + ".partial").exists()
+    for name in ("clip", "aligned", "sft", "labeler"):
+        first = load_file(getattr(models, name) / "model.safetensors")
+        second = load_file(getattr(again, name) / "model.safetensors")
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), name
+
+
+def test_clip_texts_end_with_the_clip_end_token_and_pool_there(micro):
+    _, models = micro
+    raw = RawTokenizer.from_file(str(models.clip / "tokenizer.json"))
+    clip = load_clip(models.clip)
+    texts = ["The red circle is at the top left.", "a blue box"]
+    ids = wm.encode_clip_texts(raw, texts)
+    rows = [raw.encode(t).ids for t in texts]
+    for row, text in zip(rows, texts):
+        assert row[0] == 1 and row[-1] == wm.CLIP_EOS_ID  # "<s> ... <pad>"
+        assert len(row) == len(text.replace(".", " .").split()) + 2
+    assert ids[1, len(rows[1]):].eq(wm.CLIP_EOS_ID).all()  # padded with the end token
+    pooled_at = clip.text_model.end_of_text_index(ids)
+    assert pooled_at.tolist() == [len(rows[0]) - 1, len(rows[1]) - 1]
+    # what follows the end token does not change the text features (the tower is causal)
+    noisy = ids.clone()
+    noisy[1, len(rows[1]):] = 7
+    with torch.no_grad():
+        assert torch.allclose(clip.encode_text(ids)[1], clip.encode_text(noisy)[1], atol=1e-6)
+
+
+def test_world_tokenizer_covers_the_fact_rlhf_prompt(micro):
+    from rewards.fact_prompt import fact_prompt
+    from lvlm.tokenizer import SYSTEM
+
+    _, models = micro
+    tokenizer = Tokenizer.from_file(models.tokenizer)
+    scene = sample_scene(5)
+    text = fact_prompt(SYSTEM, "Describe the image.", captions(scene, 1)[0], captions(scene, 3), seed=0)
+    ids = tokenizer.encode(text)
+    assert tokenizer.unk_id not in ids
+    assert ids.count(tokenizer.eos_id) == 1 and ids.count(tokenizer.image_token_id) == 1
+
+
+def test_clip_loss_matches_a_hand_computation():
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.nn.Parameter(logits)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(0.0))
+
+        def forward(self, input_ids, pixel_values):
+            return self.logits
+
+    # 2 images; texts: their 2 paired texts, then 1 hard negative
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.5, 1.5, -1.0]])
+    loss, metrics = wm.clip_loss(Fixed(logits), {"input_ids": None, "pixel_values": None})
+
+    def ce(row, target):
+        return -(row[target] - math.log(sum(math.exp(x) for x in row)))
+
+    image_to_text = (ce([2.0, 0.0, 1.0], 0) + ce([0.5, 1.5, -1.0], 1)) / 2
+    text_to_image = (ce([2.0, 0.5], 0) + ce([0.0, 1.5], 1)) / 2  # columns of the paired texts only
+    assert loss.item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-6)
+    assert metrics["accuracy"].item() == 1.0
+
+
+def test_clip_hard_negatives_differ_only_in_an_absent_shape():
+    import re
+
+    from lvlm.world import find_mentions
+
+    surface = r"\b(plus sign|circle|disk|dot|square|box|block|triangle|star|cross|diamond|rhombus)\b"
+    scene = sample_scene(11)
+    for variant in range(12):
+        text, negatives = wm.clip_texts(scene, variant, hard_negatives=5)
+        assert len(negatives) == len(scene.config.shapes) - len(scene.objects)
+        (shape,) = find_mentions(text)
+        assert shape in scene.shapes
+        for negative in negatives:
+            (other,) = find_mentions(negative)
+            assert other not in scene.shapes
+            assert re.sub(surface, "X", text) == re.sub(surface, "X", negative)  # the same words otherwise

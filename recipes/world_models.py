@@ -146,6 +146,7 @@ class WorldModelsConfig:
     clip_lr: float = 2e-3
     clip_hard_negatives: int = 5  # per pair, its text with the object's shape replaced by an absent one
     clip_single_object_share: float = 0.5  # share of CLIP's images drawn from one-object scenes
+    clip_hf_init: bool = False  # Hugging Face's initialisation; False: PyTorch's defaults (trained faster here)
     align_steps: int = 150
     align_batch: int = 64
     align_lr: float = 2e-3
@@ -734,7 +735,8 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
     else:
         torch.manual_seed(c.seed)
         clip = CLIPModel(clip_config(c, vocab_size))
-        init_clip_weights(clip)
+        if c.clip_hf_init:
+            init_clip_weights(clip)
         _log(verbose, f"[clip] {c.clip_steps} steps x {c.clip_batch} (+ {c.clip_hard_negatives} hard negatives "
                       f"each), {sum(p.numel() for p in clip.parameters()):,} parameters")
         train(clip, ClipPairs(c, clip_raw, c.clip_steps * c.clip_batch, pixels), clip_loss,

@@ -20,9 +20,11 @@ The chain (``build_world_models``):
    text is about one object of the image: a caption sentence ("The red circle is at the top
    left."), or a short phrase ("a red circle", "a red circle at the top left");
 3. the aligned LVLM (LLaVA-1.5 stage 1, Liu et al. 2023): CLIP's image tower copied into
-   ``vision_tower.vision_model`` (features of layer -2, CLS dropped: 64 px / 8 px patches = 64
-   image tokens), a new projector and a new Llama decoder (GQA), trained on clean captions in the
-   vicuna_v1 template with assistant-only labels; the vision tower stays frozen as released;
+   ``vision_tower.vision_model`` (features of layer -2, CLS dropped: a 48 px canvas in 16 px
+   patches = 9 image tokens, one per cell of the world's 3 x 3 grid), a new projector and a new
+   Llama decoder (GQA), trained on conversations of a clean caption and clean questions (yes/no
+   and short-answer; ``world_caption_records`` says why) in the vicuna_v1 template with
+   assistant-only labels; the vision tower stays frozen as released;
 4. the SFT model (stage 2, ``recipes/sft.py``): from 3, on conversations mixing a description
    that carries the language prior's noise (``lvlm.world.describe``), yes/no questions and a
    multiple-choice question;
@@ -84,8 +86,8 @@ from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
 from lvlm.records import write_json_atomic  # noqa: E402
 from lvlm.tokenizer import Tokenizer, encode_prompt, pad_batch  # noqa: E402
 from lvlm.world import (PLACES, WorldConfig, captions, describe, description_instruction,  # noqa: E402
-                        hallucination_candidates, multiple_choice_question, sample_scene, scenes, split_seeds,
-                        world_rng, yes_no_questions)
+                        hallucination_candidates, multiple_choice_question, sample_scene, scenes,
+                        short_answer_question, split_seeds, world_rng, yes_no_questions)
 from lvlm.world.text import PLACE_PHRASES, SENTENCE_TEMPLATES, article, fill_template, object_sentence  # noqa: E402
 from lvlm.world.tokenizer import BOS_ID, IMAGE_ID, PAD_ID, make_world_tokenizer  # noqa: E402
 from lvlm.world.vocab import SHAPE_SYNONYMS  # noqa: E402
@@ -117,10 +119,12 @@ class WorldModelsConfig:
     examples), learning rates, and which parts train.
     """
 
-    world: WorldConfig = field(default_factory=lambda: WorldConfig(noise_share=0.8))
+    # A 48 px canvas cut into 16 px patches: one patch per cell of the 3 x 3 grid, so each of the 9
+    # image tokens shows one place, empty or holding one object. (64 px / 8 px patches, 64 tokens,
+    # made every LVLM step ~5x slower and CLIP learnt shapes far more slowly.)
+    world: WorldConfig = field(default_factory=lambda: WorldConfig(canvas_size=48, noise_share=0.8))
     seed: int = 0
-    # vision tower: 64 px canvas / 8 px patches = 64 patches (+ CLS)
-    patch_size: int = 8
+    patch_size: int = 16
     vision_hidden: int = 64
     vision_layers: int = 3
     vision_heads: int = 2
@@ -145,23 +149,27 @@ class WorldModelsConfig:
     clip_batch: int = 128
     clip_lr: float = 2e-3
     clip_hard_negatives: int = 5  # per pair, its text with the object's shape replaced by an absent one
+    clip_place_negatives: int = 2  # per pair naming a place, its text with the place replaced by an empty cell
     clip_single_object_share: float = 0.5  # share of CLIP's images drawn from one-object scenes
     clip_hf_init: bool = False  # Hugging Face's initialisation; False: PyTorch's defaults (trained faster here)
-    align_steps: int = 150
-    align_batch: int = 64
-    align_lr: float = 2e-3
+    align_steps: int = 600
+    align_batch: int = 32
+    align_lr: float = 1e-3
     align_train_vision: bool = False
     sft_steps: int = 250
-    sft_batch: int = 64
-    sft_lr: float = 2e-3
-    sft_train_vision: bool = True
-    labeler_steps: int = 150
-    labeler_batch: int = 64
-    labeler_lr: float = 2e-3
-    labeler_train_vision: bool = True
+    sft_batch: int = 32
+    sft_lr: float = 1e-3
+    sft_train_vision: bool = False
+    labeler_steps: int = 200
+    labeler_batch: int = 32
+    labeler_lr: float = 1e-3
+    labeler_train_vision: bool = False
     labeler_questions: int = 6  # yes/no turns per labeler conversation
     sft_yes_no: int = 4  # yes/no turns per SFT conversation (beside one description)
     sft_choice: int = 1  # multiple-choice turns per SFT conversation
+    sft_short_answers: int = 1  # short-answer turns per SFT conversation ("What colour is the star?" -> "red")
+    align_yes_no: int = 4  # clean yes/no turns per stage-1 conversation (beside one caption)
+    align_short_answers: int = 2  # short-answer turns per stage-1 conversation
     save_every: int = 50  # training checkpoints (a killed build resumes from the last one)
     # measurements
     eval_images: int = 200
@@ -358,33 +366,38 @@ def _train_scene(c: WorldModelsConfig, k: int) -> tuple[int, int]:
     return seeds[k % len(seeds)], k // len(seeds)
 
 
-def clip_texts(scene, variant: int, hard_negatives: int = 0) -> tuple[str, list]:
-    """A text about one object of the scene, and up to ``hard_negatives`` texts that differ only in that
-    object's shape, replaced by shapes the image lacks.
+def clip_texts(scene, variant: int, hard_negatives: int = 0, place_negatives: int = 0) -> tuple[str, list]:
+    """A text about one object of the scene, and hard negative texts that differ from it in one detail.
 
     The text is a caption sentence (half the time: "The red circle is at the top left."), "a red
-    circle", or "a red circle at the top left"; its negatives are the same text about a red square, a
-    red star, ... (NegCLIP's hard negatives, Yuksekgonul et al. 2023: random in-batch texts can mostly
-    be told apart by colour alone, these only by shape). A shape is named by a synonym ("box") with
-    probability 0.3, as in the world's captions.
+    circle", or "a red circle at the top left". Its negatives (NegCLIP's hard negatives, Yuksekgonul et
+    al. 2023: random in-batch texts can mostly be told apart by colour alone, these cannot): up to
+    ``hard_negatives`` with the object's shape replaced by shapes the image lacks ("a red square ..."),
+    and, for texts that name a place, up to ``place_negatives`` with the place replaced by empty cells.
+    A shape is named by a synonym ("box") with probability 0.3, as in the world's captions.
     """
     rng = world_rng(scene.seed, "clip-text", variant)
     obj = rng.choice(scene.objects)
     absent = [shape for shape in scene.config.shapes if shape not in scene.shapes]
+    empty = [cell for cell in range(len(PLACES)) if cell not in {o.cell for o in scene.objects}]
     rng.shuffle(absent)
+    rng.shuffle(empty)
     form, template = rng.random(), rng.randrange(len(SENTENCE_TEMPLATES))
-    use_synonym, synonym_pick = rng.random() < 0.3, rng.randrange(2)
-    place = rng.choice(PLACE_PHRASES[PLACES[obj.cell]])
+    use_synonym, synonym_pick, phrase_pick = rng.random() < 0.3, rng.randrange(2), rng.randrange(2)
 
-    def text_about(shape: str) -> str:
+    def text_about(shape: str, cell: int) -> str:
         synonyms = SHAPE_SYNONYMS[shape]
         word = synonyms[synonym_pick % len(synonyms)] if use_synonym and synonyms else shape
+        place = PLACE_PHRASES[PLACES[cell]][phrase_pick]
         if form < 0.5:
             return fill_template(template, obj.colour, word, place)[0]
         phrase = f"{article(obj.colour)} {obj.colour} {word}"
         return phrase if form < 0.75 else f"{phrase} {place}"
 
-    return text_about(obj.shape), [text_about(shape) for shape in absent[:hard_negatives]]
+    negatives = [text_about(shape, obj.cell) for shape in absent[:hard_negatives]]
+    if form < 0.5 or form >= 0.75:  # the text names a place
+        negatives += [text_about(obj.shape, cell) for cell in empty[:place_negatives]]
+    return text_about(obj.shape, obj.cell), negatives
 
 
 def single_object_world(world: WorldConfig) -> WorldConfig:
@@ -412,7 +425,8 @@ class ClipPairs:
     def __getitem__(self, k: int) -> dict:
         seed, variant = _train_scene(self.c, k)
         single = world_rng(seed, "clip-single-object").random() < self.c.clip_single_object_share
-        text, negatives = clip_texts(sample_scene(seed, self.worlds[single]), variant, self.c.clip_hard_negatives)
+        text, negatives = clip_texts(sample_scene(seed, self.worlds[single]), variant, self.c.clip_hard_negatives,
+                                     self.c.clip_place_negatives)
         return {"pixel_values": self.pixels[single](seed), "input_ids": torch.tensor(self.tokenizer.encode(text).ids),
                 "negative_ids": [torch.tensor(self.tokenizer.encode(t).ids) for t in negatives]}
 
@@ -447,14 +461,35 @@ def _record(seed: int, variant: int, turns: list) -> dict:
     return {"turns": turns, "image": seed, "where": f"world scene {seed} variant {variant}"}
 
 
+def _clean_questions(scene, seed: int, variant: int, yes_no: int, short: int, purpose: str) -> list:
+    """``yes_no`` clean yes/no turns and ``short`` short-answer turns about one scene."""
+    turns = [(q.question, q.answer) for q in yes_no_questions(scene, variant + 1000, count=yes_no)]
+    rng = world_rng(seed, purpose, variant)
+    return turns + [(q.question, q.answer) for q in (short_answer_question(scene, rng) for _ in range(short))]
+
+
 def world_caption_records(c: WorldModelsConfig) -> list[dict]:
-    """Stage 1: one clean caption per example, as the answer to a description request."""
+    """Stage 1: per example a clean caption (the answer to a description request) and, in the same
+    conversation, ``align_yes_no`` clean yes/no and ``align_short_answers`` short-answer questions,
+    the turns in a random order.
+
+    LLaVA's stage 1 has captions only: its decoder is a pretrained Vicuna that already answers
+    questions about text it reads. Ours starts from nothing, and a decoder that has only learnt
+    to caption takes many hundred steps to start answering "Is there a star in the image?" above
+    chance (a yes/no answer rewards looking up the named object only once the lookup works);
+    clean questions from the start, with short answers ("What colour is the star?" -> "red")
+    whose answer *is* what the lookup finds, give SFT and the labeler a decoder that can already
+    read the image both ways.
+    """
     records = []
     for k in range(c.align_steps * c.align_batch):
         seed, variant = _train_scene(c, k)
         scene = sample_scene(seed, c.world)
         caption = captions(scene, variant + 1)[variant]
-        records.append(_record(seed, variant, [(description_instruction(scene, variant), caption)]))
+        turns = [(description_instruction(scene, variant), caption)]
+        turns += _clean_questions(scene, seed, variant, c.align_yes_no, c.align_short_answers, "align-short")
+        world_rng(seed, "align-turn-order", variant).shuffle(turns)
+        records.append(_record(seed, variant, turns))
     return records
 
 
@@ -462,7 +497,7 @@ def world_sft_records(c: WorldModelsConfig) -> list[dict]:
     """Stage 2: per example one conversation about one image, its turns in a random order (so that each
     kind is sometimes the first turn, as in evaluation): a description carrying the prior's noise at
     ``world.noise_share`` (``lvlm.world.describe``), ``sft_yes_no`` yes/no questions (existence,
-    attribute, claim) and ``sft_choice`` multiple-choice questions."""
+    attribute, claim), ``sft_choice`` multiple-choice and ``sft_short_answers`` short-answer questions."""
     records = []
     for k in range(c.sft_steps * c.sft_batch):
         seed, variant = _train_scene(c, k)
@@ -471,6 +506,7 @@ def world_sft_records(c: WorldModelsConfig) -> list[dict]:
         turns += [(q.question, q.answer) for q in yes_no_questions(scene, variant, count=c.sft_yes_no)]
         rng = world_rng(seed, "sft-choice", variant)
         turns += [(q.question, q.answer) for q in (multiple_choice_question(scene, rng) for _ in range(c.sft_choice))]
+        turns += [(q.question, q.answer) for q in (short_answer_question(scene, rng) for _ in range(c.sft_short_answers))]
         world_rng(seed, "sft-turn-order", variant).shuffle(turns)
         records.append(_record(seed, variant, turns))
     return records
@@ -482,7 +518,7 @@ def world_labeler_records(c: WorldModelsConfig) -> list[dict]:
     for k in range(c.labeler_steps * c.labeler_batch):
         seed, variant = _train_scene(c, k)
         scene = sample_scene(seed, c.world)
-        questions = yes_no_questions(scene, variant + 1000, count=c.labeler_questions)
+        questions = yes_no_questions(scene, variant + 2000, count=c.labeler_questions)
         records.append(_record(seed, variant, [(q.question, q.answer) for q in questions]))
     return records
 
@@ -519,6 +555,22 @@ def clip_present_over_absent(clip: CLIPModel, clip_raw_tokenizer, world: WorldCo
         image = F.normalize(clip.encode_image(pixels), dim=-1)
         good = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, present).to(device)), dim=-1)
         bad = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, absent).to(device)), dim=-1)
+        wins += ((image * good).sum(-1) > (image * bad).sum(-1)).tolist()
+    return sum(wins) / len(wins)
+
+
+@torch.no_grad()
+def clip_present_over_swapped_shape(clip: CLIPModel, clip_raw_tokenizer, world: WorldConfig, n_images: int) -> float:
+    """The harder version: the competing text is the same text with the object's shape swapped for one the
+    image lacks (``clip_texts``' first hard negative), so colour and place do not help."""
+    wins = []
+    device = next(clip.parameters()).device
+    for batch in _chunks(list(scenes("test", world, limit=n_images)), 64):
+        pairs = [clip_texts(scene, 1_000_000, hard_negatives=1) for scene in batch]
+        pixels = torch.stack([preprocess_image(s.image(), size=world.canvas_size) for s in batch]).to(device)
+        image = F.normalize(clip.encode_image(pixels), dim=-1)
+        good = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, [p[0] for p in pairs]).to(device)), dim=-1)
+        bad = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, [p[1][0] for p in pairs]).to(device)), dim=-1)
         wins += ((image * good).sum(-1) > (image * bad).sum(-1)).tolist()
     return sum(wins) / len(wins)
 
@@ -623,10 +675,13 @@ def _build_lock(path: Path):
 
 
 def ensure_world_models(config: WorldModelsConfig | None = None, *, cache_dir: str | Path | None = None,
-                        verbose: bool = True) -> WorldModels:
+                        verbose: bool = True, threads: int | None = None) -> WorldModels:
     """The world's models for ``config`` (default preset): from the cache, or built now and cached.
 
-    Under torchrun every rank calls this; the ranks train together, rank 0 writes. Returns the paths.
+    Under torchrun every rank calls this; the ranks train together, rank 0 writes. On a machine without
+    a GPU a build picks its number of threads before each stage from the cores free at that moment
+    (``recipes._common.set_cpu_threads``), unless ``threads`` fixes it; the caller's setting is restored
+    afterwards. Returns the paths.
     """
     config = config or WORLD_PRESETS["default"]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -638,7 +693,7 @@ def ensure_world_models(config: WorldModelsConfig | None = None, *, cache_dir: s
         barrier()
         if not _is_complete(root):
             partial = root.with_name(root.name + ".partial")
-            build_world_models(config, partial, verbose=verbose)
+            build_world_models(config, partial, verbose=verbose, threads=threads)
             if is_main_process():
                 shutil.rmtree(partial / "train", ignore_errors=True)
                 (partial / "complete").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
@@ -705,12 +760,28 @@ def _lvlm_stage(c: WorldModelsConfig, name: str, start, records_fn, tokenizer: T
     return model
 
 
-def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: bool = True) -> WorldModels:
+def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: bool = True,
+                       threads: int | None = None) -> WorldModels:
     """Run the chain of the module docstring into ``root`` (stages already saved there are skipped);
-    writes ``report.json`` with the measured targets and the seconds each stage took."""
+    writes ``report.json`` with the measured targets and the seconds each stage took. ``threads``: see
+    ``ensure_world_models``."""
+    caller_threads = torch.get_num_threads()
+    try:
+        return _build(config, Path(root), verbose, threads)
+    finally:
+        torch.set_num_threads(caller_threads)
+
+
+def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None) -> WorldModels:
     from tokenizers import Tokenizer as RawTokenizer
 
-    c, root = config, Path(root)
+    from recipes._common import set_cpu_threads
+
+    def choose_threads():
+        n = set_cpu_threads(threads, verbose=False)
+        if n:
+            _log(verbose, f"(using {n} CPU thread(s))")
+
     seconds, started = {}, time.time()
     if is_main_process():
         root.mkdir(parents=True, exist_ok=True)
@@ -728,6 +799,7 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
     pixels = WorldPixels(c.world)
 
     # 2. CLIP
+    choose_threads()
     t = time.time()
     if _done(root / "clip"):
         clip = load_clip(root / "clip", dtype=torch.float32)
@@ -756,6 +828,7 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
         model.vision_tower.vision_model.load_state_dict(clip.vision_model.state_dict())
         return model
 
+    choose_threads()
     t = time.time()
     aligned = _lvlm_stage(c, "aligned", fresh_lvlm, world_caption_records, tokenizer, root, steps=c.align_steps,
                           batch=c.align_batch, lr=c.align_lr, train_vision=c.align_train_vision, verbose=verbose,
@@ -769,11 +842,13 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
         return model
 
     # 4. SFT and 5. the labeler, both from the aligned model
+    choose_threads()
     t = time.time()
     sft = _lvlm_stage(c, "sft", from_aligned, world_sft_records, tokenizer, root, steps=c.sft_steps,
                       batch=c.sft_batch, lr=c.sft_lr, train_vision=c.sft_train_vision, verbose=verbose,
                       tokenizer_text=lvlm_tokenizer_text, pixels=pixels)
     seconds["sft"] = time.time() - t
+    choose_threads()
     t = time.time()
     labeler = _lvlm_stage(c, "labeler", from_aligned, world_labeler_records, tokenizer, root, steps=c.labeler_steps,
                           batch=c.labeler_batch, lr=c.labeler_lr, train_vision=c.labeler_train_vision, verbose=verbose,
@@ -799,6 +874,7 @@ def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenize
 
     n = c.eval_images
     report = {"clip_present_over_absent": clip_present_over_absent(clip, clip_raw, c.world, n),
+              "clip_present_over_swapped_shape": clip_present_over_swapped_shape(clip, clip_raw, c.world, n),
               "labeler_accuracy": labeler_accuracy(labeler, tokenizer, c.world, n)}
     report["sft"] = evaluate(sft, tokenizer, world_eval_set(c.world, n_images=n), verbose=False)
     return report
@@ -823,6 +899,9 @@ def print_report(report: dict, file=None) -> None:
         ok = wanted[0] <= value <= wanted[1] if op == "in" else value >= wanted
         want = f"{100 * wanted[0]:.0f}-{100 * wanted[1]:.0f}%" if op == "in" else f">= {100 * wanted:.0f}%"
         print(f"{name:<44}{100 * value:6.1f}%   {want:<10} {'ok' if ok else 'MISSED'}", file=file)
+    if "clip_present_over_swapped_shape" in report:
+        print(f"CLIP, the competing text differing only in shape: {100 * report['clip_present_over_swapped_shape']:.1f}%",
+              file=file)
     print("labeler accuracy by question set: " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in report["labeler_accuracy"].items()), file=file)
     print("SFT model: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["sft"].items()), file=file)

@@ -27,9 +27,11 @@ from lvlm.world import (
     sample_scene,
     scenes,
     sft_examples,
+    short_answer_question,
     split_of_seed,
     split_seeds,
     synonym_file_text,
+    world_rng,
     yes_no_questions,
 )
 from lvlm.world.text import SENTENCE_TEMPLATES, fill_template
@@ -330,6 +332,29 @@ def test_pope_negatives_are_absent_and_ranked_by_kind(kind):
             n_with_partner += m > 0
     if kind == "adversarial":
         assert n_with_partner > 100
+
+
+def test_short_answers_name_the_truth():
+    kinds = set()
+    for scene in scenes("test", limit=300):
+        rng = world_rng(scene.seed, "short-answer-test")
+        for _ in range(3):
+            q = short_answer_question(scene, rng)
+            kinds.add(q.kind)
+            assert q.options == () and "A." not in q.question
+            if q.kind == "colour":
+                shape = SURFACE[re.match(rf"What colour is the {SHAPE_WORD}\?$", q.question).group(1)]
+                truth = scene.object_with_shape(shape).colour
+            elif q.kind == "shape":
+                cell = sentence_parts(f"a red circle {q.question.split('?')[0][len('What shape is '):]}.")[2]
+                truth = next(o.shape for o in scene.objects if o.cell == cell)
+            else:
+                colour, shape = re.match(rf"Where is the {COLOUR_WORD} {SHAPE_WORD}\?$", q.question).groups()
+                obj = scene.object_with_shape(SURFACE[shape])
+                assert obj.colour == colour
+                truth = obj.place
+            assert q.answer == truth, (scene.seed, q)
+    assert kinds == {"colour", "shape", "place"}
 
 
 def test_multiple_choice_answers_name_the_truth():

@@ -30,7 +30,7 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
     assert clip.config.text_config.eos_token_id == wm.CLIP_EOS_ID != 2
     for directory in (models.sft, models.labeler, models.aligned):
         model = load_lvlm(directory)
-        assert model.config.image_tokens_per_image == (64 // MICRO.patch_size) ** 2
+        assert model.config.image_tokens_per_image == (MICRO.world.canvas_size // MICRO.patch_size) ** 2
         assert model.config.vision_feature_layer == -2
         assert Tokenizer.from_file(directory).image_token_id == model.config.image_token_index
     assert Tokenizer.from_file(models.tokenizer).vocab_size == clip.config.text_config.vocab_size

@@ -43,6 +43,7 @@ from .text import (
     hallucination_candidates,
     multiple_choice_question,
     multiple_choice_questions,
+    short_answer_question,
     pope_negatives,
     pope_questions,
     sft_examples,

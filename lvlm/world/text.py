@@ -408,6 +408,29 @@ def multiple_choice_questions(scene: Scene, variant: int = 0) -> list:
     return [multiple_choice_question(scene, rng, obj=obj) for obj in scene.objects]
 
 
+def short_answer_question(scene: Scene, rng, *, kind: str | None = None, obj=None) -> ChoiceQuestion:
+    """The multiple-choice question's head asked open-ended, answered with the value itself:
+    "What colour is the triangle?" -> "red"; "What shape is at the top left?" -> "circle";
+    "Where is the red circle?" -> "top left" (``options`` is empty).
+
+    The answer is the thing looked up in the image, so learning to answer gives the model a
+    direct signal for finding the object a question names; a yes/no answer gives none until the
+    lookup already works (its value does not carry the answer).
+    """
+    obj = obj or rng.choice(scene.objects)
+    kind = kind or rng.choice(tuple(MC_TEMPLATES))
+    if kind == "colour":
+        question, answer = MC_TEMPLATES["colour"].format(shape=_shape_surface(obj.shape, rng)), obj.colour
+    elif kind == "shape":
+        question, answer = MC_TEMPLATES["shape"].format(place=rng.choice(PLACE_PHRASES[obj.place])), obj.shape
+    elif kind == "place":
+        question = MC_TEMPLATES["place"].format(colour=obj.colour, shape=_shape_surface(obj.shape, rng))
+        answer = obj.place
+    else:
+        raise ValueError(f"short_answer_question: kind must be one of {tuple(MC_TEMPLATES)}, got {kind!r}")
+    return ChoiceQuestion(question, (), answer, kind, obj.shape)
+
+
 # ----------------------------------------------------------------------------------------
 # SFT examples and the tokenizer's corpus
 # ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ The chain (``build_world_models``):
 4. the SFT model (stage 2, ``recipes/sft.py``): from 3, on conversations mixing a description
    that carries the language prior's noise (``lvlm.world.describe``), yes/no questions and a
    multiple-choice question;
-5. the labeler (RLAIF-V's yes/no judge): from 3 (clean captions only), on clean yes/no
+5. the labeler (RLAIF-V's yes/no judge): from 4 (``labeler_start``), trained on clean yes/no
    questions only — existence, attribute and claim questions, the latter in the exact form
    ``rewards.claims.claim_to_question`` makes of description sentences, with and without
    " Please answer yes or no.";
@@ -152,18 +152,22 @@ class WorldModelsConfig:
     clip_place_negatives: int = 2  # per pair naming a place, its text with the place replaced by an empty cell
     clip_single_object_share: float = 0.5  # share of CLIP's images drawn from one-object scenes
     clip_hf_init: bool = False  # Hugging Face's initialisation; False: PyTorch's defaults (trained faster here)
-    align_steps: int = 600
+    align_steps: int = 900
     align_batch: int = 32
     align_lr: float = 1e-3
     align_train_vision: bool = False
-    sft_steps: int = 250
+    sft_steps: int = 300
     sft_batch: int = 32
     sft_lr: float = 1e-3
     sft_train_vision: bool = False
-    labeler_steps: int = 200
+    labeler_steps: int = 400
     labeler_batch: int = 32
     labeler_lr: float = 1e-3
     labeler_train_vision: bool = False
+    # The labeler starts from the SFT model, whose yes/no answers already look at the image (a
+    # decoder that has to learn that from the aligned model's start sat near chance for hundreds of
+    # steps), and is then trained on clean yes/no questions only; "aligned" starts it from stage 1.
+    labeler_start: str = "sft"
     labeler_questions: int = 6  # yes/no turns per labeler conversation
     sft_yes_no: int = 4  # yes/no turns per SFT conversation (beside one description)
     sft_choice: int = 1  # multiple-choice turns per SFT conversation
@@ -834,25 +838,29 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
                           batch=c.align_batch, lr=c.align_lr, train_vision=c.align_train_vision, verbose=verbose,
                           tokenizer_text=lvlm_tokenizer_text, pixels=pixels)
     seconds["aligned"] = time.time() - t
-    aligned_state = {k: v.clone() for k, v in aligned.state_dict().items()}
+    def copy_of(trained):
+        state = {k: v.clone() for k, v in trained.state_dict().items()}
 
-    def from_aligned():
-        model = LlavaForConditionalGeneration(aligned.config)
-        model.load_state_dict(aligned_state)
-        return model
+        def start():
+            model = LlavaForConditionalGeneration(trained.config)
+            model.load_state_dict(state)
+            return model
+        return start
 
-    # 4. SFT and 5. the labeler, both from the aligned model
+    # 4. SFT, from the aligned model; 5. the labeler, from the SFT model (or the aligned one)
     choose_threads()
     t = time.time()
-    sft = _lvlm_stage(c, "sft", from_aligned, world_sft_records, tokenizer, root, steps=c.sft_steps,
+    sft = _lvlm_stage(c, "sft", copy_of(aligned), world_sft_records, tokenizer, root, steps=c.sft_steps,
                       batch=c.sft_batch, lr=c.sft_lr, train_vision=c.sft_train_vision, verbose=verbose,
                       tokenizer_text=lvlm_tokenizer_text, pixels=pixels)
     seconds["sft"] = time.time() - t
     choose_threads()
     t = time.time()
-    labeler = _lvlm_stage(c, "labeler", from_aligned, world_labeler_records, tokenizer, root, steps=c.labeler_steps,
-                          batch=c.labeler_batch, lr=c.labeler_lr, train_vision=c.labeler_train_vision, verbose=verbose,
-                          tokenizer_text=lvlm_tokenizer_text, pixels=pixels)
+    labeler_start = {"sft": sft, "aligned": aligned}[c.labeler_start]
+    labeler = _lvlm_stage(c, "labeler", copy_of(labeler_start), world_labeler_records, tokenizer, root,
+                          steps=c.labeler_steps, batch=c.labeler_batch, lr=c.labeler_lr,
+                          train_vision=c.labeler_train_vision, verbose=verbose, tokenizer_text=lvlm_tokenizer_text,
+                          pixels=pixels)
     seconds["labeler"] = time.time() - t
 
     # 6. measurements

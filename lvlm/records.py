@@ -79,20 +79,30 @@ def read_records(path: str | Path, *, repair: bool = True) -> Iterator[tuple[int
             yield number, record
 
 
+def read_located_records(path: str | Path) -> list[tuple[str, object]]:
+    """``(where, record)`` for each record (a dict) of a JSONL file (where = ``"file:line"``) or of a JSON
+    file holding a list of objects (where = ``"file record i"``), so that a caller checking the records'
+    fields can name the bad one. Unreadable JSON or a record that is not an object raises ``ValueError``."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return [(f"{path}:{line}", record) for line, record in read_records(path, repair=False)]
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} record {i}: expected a JSON object, found {type(record).__name__}")
+    return [(f"{path} record {i}", record) for i, record in enumerate(data)]
+
+
 def read_data_file(path: str | Path) -> list[dict]:
     """Records of a JSONL file, or of a JSON file holding a list of objects (LLaVA's conversation files)."""
-    path = Path(path)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"no such data file: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise ValueError(f"{path}: expected a JSON list of objects")
-        return data
-    return [record for _, record in read_records(path, repair=False)]
+    return [record for _, record in read_located_records(path)]
 
 
 def append_record(f, record: dict) -> None:

@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lvlm.checkpoint import copy_tokenizer, load_clip, load_lvlm, save_lvlm  # noqa: E402
 from lvlm.image import load_image as load_image_file  # noqa: E402
 from lvlm.image import preprocess_image  # noqa: E402
-from lvlm.records import read_records, write_json_atomic  # noqa: E402
+from lvlm.records import read_located_records, write_json_atomic  # noqa: E402
 from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
@@ -224,22 +224,9 @@ def load_prompt_records(path: str | Path, images: str | Path | None) -> list[dic
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such file: {path}")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
-        located = [(f"{path} record {i}", r) for i, r in enumerate(data)]
-    else:
-        located = [(f"{path}:{line}", r) for line, r in read_records(path, repair=False)]
     images_dir = Path(images) if images is not None else None
     problems, missing, prompts = [], [], []
-    for where, record in located:
-        if not isinstance(record, dict):
-            problems.append(f"{where}: expected an object, found {type(record).__name__}")
-            continue
+    for where, record in read_located_records(path):
         question = record.get("question")
         if question is None and isinstance(record.get("conversations"), list) and record["conversations"]:
             first = record["conversations"][0]

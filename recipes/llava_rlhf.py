@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lvlm.checkpoint import copy_tokenizer, load_lvlm, save_lvlm  # noqa: E402
 from lvlm.image import load_image, preprocess_image  # noqa: E402
-from lvlm.records import read_records, write_json_atomic  # noqa: E402
+from lvlm.records import read_located_records, write_json_atomic  # noqa: E402
 from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt, pad_batch  # noqa: E402
 from optim import apply_lora, merge_lora, reward_accuracy, reward_model_loss  # noqa: E402
 from optim.lora import lora_modules  # noqa: E402
@@ -292,21 +292,6 @@ def world_sources(config: RLHFConfig) -> Sources:
                    preference_records=None, ppo_items=ppo_items, eval_set=eval_set, world=world)
 
 
-def _records_with_place(path: Path) -> list[tuple[str, dict]]:
-    """(where, record) for a JSONL file (where = "file:line") or a JSON list (where = "file record i")."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
-        return [(f"{path} record {i}", r) for i, r in enumerate(data)]
-    return [(f"{path}:{line}", r) for line, r in read_records(path, repair=False)]
-
-
 def _raise_problems(path: Path, what: str, problems: list[str], missing: list[str]) -> None:
     if problems:
         raise ValueError(f"{len(problems)} malformed {what} record(s) in {path}:\n  " + "\n  ".join(problems[:10]))
@@ -360,7 +345,7 @@ def load_human_preferences(path: str | Path, images: str | Path | None) -> list[
     path = Path(path)
     images = Path(images) if images is not None else None
     problems, missing, pairs = [], [], []
-    for where, record in _records_with_place(path):
+    for where, record in read_located_records(path):
         question = _first_question(where, record.get("conversations"), problems)
         outputs = []
         for key in ("output_1", "output_2"):
@@ -398,7 +383,7 @@ def load_ppo_prompts(path: str | Path, images: str | Path | None) -> list[dict]:
     path = Path(path)
     images = Path(images) if images is not None else None
     problems, missing, items = [], [], []
-    for where, record in _records_with_place(path):
+    for where, record in read_located_records(path):
         if "question" in record:
             question = record["question"].replace(IMAGE_MARKER, "").strip() if isinstance(record["question"], str) else None
             if not question:

@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lvlm.checkpoint import copy_tokenizer, load_lvlm, save_lvlm  # noqa: E402
 from lvlm.image import load_image as load_image_file  # noqa: E402
 from lvlm.image import preprocess_image  # noqa: E402
-from lvlm.records import read_data_file, read_records, write_json_atomic  # noqa: E402
+from lvlm.records import read_located_records, write_json_atomic  # noqa: E402
 from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
@@ -238,13 +238,9 @@ def load_instructions(path: str | Path, images: str | Path | None) -> list[dict]
     under ``images`` are listed (the first 10 of each kind).
     """
     path = Path(path)
-    if path.suffix == ".json":
-        numbered = [(f"{path} record {k}", r) for k, r in enumerate(read_data_file(path))]
-    else:
-        numbered = [(f"{path}:{line}", r) for line, r in read_records(path, repair=False)]
     folder = Path(images) if images is not None else None
     problems, missing, out = [], [], []
-    for k, (where, record) in enumerate(numbered):
+    for k, (where, record) in enumerate(read_located_records(path)):
         image, question = record.get("image", record.get("image_path")), _question_of(record)
         if not isinstance(image, str) or not image:
             problems.append(f"{where}: needs an 'image' file name (a string), got {image!r}")

@@ -465,13 +465,6 @@ def _record(seed: int, variant: int, turns: list) -> dict:
     return {"turns": turns, "image": seed, "where": f"world scene {seed} variant {variant}"}
 
 
-def _clean_questions(scene, seed: int, variant: int, yes_no: int, short: int, purpose: str) -> list:
-    """``yes_no`` clean yes/no turns and ``short`` short-answer turns about one scene."""
-    turns = [(q.question, q.answer) for q in yes_no_questions(scene, variant + 1000, count=yes_no)]
-    rng = world_rng(seed, purpose, variant)
-    return turns + [(q.question, q.answer) for q in (short_answer_question(scene, rng) for _ in range(short))]
-
-
 def world_caption_records(c: WorldModelsConfig) -> list[dict]:
     """Stage 1: per example a clean caption (the answer to a description request) and, in the same
     conversation, ``align_yes_no`` clean yes/no and ``align_short_answers`` short-answer questions,
@@ -491,7 +484,9 @@ def world_caption_records(c: WorldModelsConfig) -> list[dict]:
         scene = sample_scene(seed, c.world)
         caption = captions(scene, variant + 1)[variant]
         turns = [(description_instruction(scene, variant), caption)]
-        turns += _clean_questions(scene, seed, variant, c.align_yes_no, c.align_short_answers, "align-short")
+        turns += [(q.question, q.answer) for q in yes_no_questions(scene, variant + 1000, count=c.align_yes_no)]
+        rng = world_rng(seed, "align-short", variant)
+        turns += [(q.question, q.answer) for q in (short_answer_question(scene, rng) for _ in range(c.align_short_answers))]
         world_rng(seed, "align-turn-order", variant).shuffle(turns)
         records.append(_record(seed, variant, turns))
     return records

@@ -1,18 +1,16 @@
 """LLaVA-RLHF recipe: a micro run end to end (world and real-file paths), and the PPO update itself."""
 
 import copy
-import dataclasses
 import json
 
 import pytest
 import torch
 
-from lvlm.config import preset
 from lvlm.llava import LlavaForConditionalGeneration
 from recipes._ppo import PPODivergedError, Rollout, make_rollout, pack_sequences, ppo_update, rewards_and_advantages
 from recipes._run import METRIC_KEYS
 from rewards.reward_model import RewardModel, value_model_from
-from tests.tiny_tokenizer import tiny_tokenizer
+from tests.tiny_tokenizer import tiny_llava_config, tiny_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # the PPO update on a tiny model
@@ -32,9 +30,7 @@ def one_thread():
 
 def _tiny_models():
     tok = tiny_tokenizer()
-    cfg = preset("tiny-llava")
-    cfg = dataclasses.replace(cfg, image_token_index=tok.image_token_id,
-                              text_config=dataclasses.replace(cfg.text_config, vocab_size=max(128, tok.vocab_size)))
+    cfg = tiny_llava_config(tok)
     torch.manual_seed(0)
     policy = LlavaForConditionalGeneration(cfg)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()

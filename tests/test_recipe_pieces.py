@@ -1,17 +1,15 @@
 """The recipes' shared pieces: run directory checks, rank-split resumable collection, DPO on pairs."""
 
-import dataclasses
 import json
 
 import pytest
 import torch
 
-from lvlm.config import preset
 from lvlm.llava import LlavaForConditionalGeneration
 from optim.train import TrainConfig
 from recipes._dpo import PreferencePairs, add_reference_logps, collate_pairs, dpo_loss_fn, response_logps, train_dpo
 from recipes._run import collect, format_table, open_run, write_summary
-from tests.tiny_tokenizer import tiny_tokenizer
+from tests.tiny_tokenizer import tiny_llava_config, tiny_tokenizer
 
 
 def test_open_run_refuses_a_directory_of_another_config(tmp_path):
@@ -55,9 +53,7 @@ def test_summary_shape_and_table(tmp_path):
 
 def _tiny_setup():
     tok = tiny_tokenizer()
-    cfg = preset("tiny-llava")
-    cfg = dataclasses.replace(cfg, image_token_index=tok.image_token_id,
-                              text_config=dataclasses.replace(cfg.text_config, vocab_size=max(128, tok.vocab_size)))
+    cfg = tiny_llava_config(tok)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg)
     records = [{"key": f"{i:08d}", "question": "Describe the image .", "image": i,

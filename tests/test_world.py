@@ -334,6 +334,21 @@ def test_pope_negatives_are_absent_and_ranked_by_kind(kind):
         assert n_with_partner > 100
 
 
+def _asked_value(scene, q):
+    """What a colour / shape / place question (multiple-choice or short-answer) asks about, read from its
+    text and looked up in the scene's ground truth."""
+    obj = scene.object_with_shape(q.shape)
+    if q.kind == "colour":
+        shape = SURFACE[re.match(rf"What colour is the {SHAPE_WORD}\?", q.question).group(1)]
+        return scene.object_with_shape(shape).colour
+    if q.kind == "shape":
+        cell = sentence_parts(f"a red circle {q.question.split('?')[0][len('What shape is '):]}.")[2]
+        return next(o.shape for o in scene.objects if o.cell == cell)
+    colour, shape = re.match(rf"Where is the {COLOUR_WORD} {SHAPE_WORD}\?", q.question).groups()
+    assert (colour, SURFACE[shape]) == (obj.colour, obj.shape)
+    return obj.place
+
+
 def test_short_answers_name_the_truth():
     kinds = set()
     for scene in scenes("test", limit=300):
@@ -341,19 +356,8 @@ def test_short_answers_name_the_truth():
         for _ in range(3):
             q = short_answer_question(scene, rng)
             kinds.add(q.kind)
-            assert q.options == () and "A." not in q.question
-            if q.kind == "colour":
-                shape = SURFACE[re.match(rf"What colour is the {SHAPE_WORD}\?$", q.question).group(1)]
-                truth = scene.object_with_shape(shape).colour
-            elif q.kind == "shape":
-                cell = sentence_parts(f"a red circle {q.question.split('?')[0][len('What shape is '):]}.")[2]
-                truth = next(o.shape for o in scene.objects if o.cell == cell)
-            else:
-                colour, shape = re.match(rf"Where is the {COLOUR_WORD} {SHAPE_WORD}\?$", q.question).groups()
-                obj = scene.object_with_shape(SURFACE[shape])
-                assert obj.colour == colour
-                truth = obj.place
-            assert q.answer == truth, (scene.seed, q)
+            assert q.options == () and q.question.endswith("?")
+            assert q.answer == _asked_value(scene, q), (scene.seed, q)
     assert kinds == {"colour", "shape", "place"}
 
 
@@ -366,18 +370,7 @@ def test_multiple_choice_answers_name_the_truth():
             listed = re.search(r"\? A\. (.+) B\. (.+) C\. (.+) D\. (.+) Answer with", q.question)
             assert listed and tuple(listed.groups()) == q.options
             picked = q.options["ABCD".index(q.answer)]
-            obj = scene.object_with_shape(q.shape)
-            if q.kind == "colour":
-                shape = SURFACE[re.match(rf"What colour is the {SHAPE_WORD}\?", q.question).group(1)]
-                truth = scene.object_with_shape(shape).colour
-            elif q.kind == "shape":
-                cell = sentence_parts(f"a red circle {q.question.split('?')[0][len('What shape is '):]}.")[2]
-                truth = next(o.shape for o in scene.objects if o.cell == cell)
-            else:
-                colour, shape = re.match(rf"Where is the {COLOUR_WORD} {SHAPE_WORD}\?", q.question).groups()
-                assert (colour, SURFACE[shape]) == (obj.colour, obj.shape)
-                truth = obj.place
-            assert picked == truth, (scene.seed, q)
+            assert picked == _asked_value(scene, q), (scene.seed, q)
     assert kinds == {"colour", "shape", "place"}
 
 

@@ -120,3 +120,15 @@ def tiny_tokenizer(*, extra_words=(), with_image_token=True):
 
     path = _cached_tiny_tokenizer_path(tuple(extra_words), with_image_token)
     return Tokenizer.from_file(path)
+
+
+def tiny_llava_config(tok):
+    """The "tiny-llava" preset with `tok`'s image token and a vocabulary that covers `tok`."""
+    import dataclasses
+
+    from lvlm.config import preset
+
+    config = preset("tiny-llava")
+    return dataclasses.replace(config, image_token_index=tok.image_token_id,
+                               text_config=dataclasses.replace(config.text_config,
+                                                               vocab_size=max(128, tok.vocab_size)))

@@ -16,7 +16,8 @@ The algorithm (paper Sec. 3; ANCHORS §1), per iteration t = 1..T, starting from
    log-prob under the model); of all new nodes of a prompt the k best and k worst by cumulative
    reward survive; a path ends at "</s>" or at a length cap;
 3. of the finished responses of a prompt, the highest cumulative reward is *chosen* and the lowest
-   *rejected* (``search.chosen_and_rejected``); a prompt with fewer than two distinct responses
+   *rejected* (``search.chosen_and_rejected``; with the released code's rank mix, ``--normalize rank``,
+   the path's average rank instead, as released); a prompt with fewer than two distinct responses
    gives no pair (a ``"skip"`` record);
 4. the pairs are collected rank by rank, record by record (``recipes._run.collect``: resumable, no
    duplicates, no gaps), each with the reference model's log-probs of both responses -- the
@@ -70,6 +71,7 @@ from recipes._common import (Progress, add_config_arguments, config_from_args, c
                              print_config, set_cpu_threads)
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
+from rewards.calibrated import rank_path_score  # noqa: E402
 from rewards.csr_scorer import CalibratedScorer  # noqa: E402
 from search.sampling_ops import mix_seeds  # noqa: E402
 from search.sentence_beam import chosen_and_rejected, sentence_beam_search  # noqa: E402
@@ -366,6 +368,17 @@ def pair_collector(model, tokenizer: Tokenizer, clip, clip_tokenize, load_image:
     def decode(ids) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
+    def rescored(response):
+        """The response's score for choosing the pair: the summed reward (paper); with the rank mix, the
+        released code's path average instead (its sentences' ranks over the path's nodes, the prompt's
+        root node counted), negated so that higher is better. The search sums the negated ranks, which
+        makes a path worse with every sentence it adds; compared across lengths, that sum would choose the
+        shortest response, not the best-ranked one."""
+        if config.normalize != "rank" or not response.sentences:
+            return response
+        ranks = [-s.score for s in response.sentences]
+        return dataclasses.replace(response, score=-float(rank_path_score(ranks, count_root=True)))
+
     def work(items: list[dict]) -> list[dict]:
         images = [load_image(item["image"]) for item in items]
         prompts = [(encode_prompt(tokenizer, item["question"], image_tokens_per_image=per_image)["input_ids"],
@@ -390,7 +403,7 @@ def pair_collector(model, tokenizer: Tokenizer, clip, clip_tokenize, load_image:
             by_text: dict = {}
             for response in responses:  # the first response of each text
                 by_text.setdefault(response.text.strip(), response)
-            distinct = list(by_text.values())
+            distinct = [rescored(r) for r in by_text.values()]
             pair = chosen_and_rejected(distinct)
             if pair is None or pair[0].score == pair[1].score:
                 records.append({**base, "skip": f"{len(distinct)} distinct response(s) with distinct rewards; "

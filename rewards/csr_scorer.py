@@ -21,7 +21,8 @@ of one parent) both raw scores are replaced by rank / n and mixed as
 `(1 - lam) * rank_T + lam * rank_I`, where LOWER is better. The scorer returns the NEGATED
 value, so that higher is better for the search, as for the default. Note the search then
 sums these along the path; the released code averages them (`rewards.calibrated.rank_path_score`
-on the sentence ranks = -Response.score / len(sentences)).
+on the sentence ranks = -Response.score / len(sentences)), and `recipes/csr.py` chooses its pairs
+by that average.
 """
 
 from __future__ import annotations

@@ -94,6 +94,23 @@ def test_micro_run_files_summary_and_rerun(tmp_path, micro_models, monkeypatch):
         csr.main(["--preset", "micro", "--out", str(out), "--lam", "0"])
 
 
+def test_rank_mix_pairs_are_chosen_by_path_average(tmp_path, micro_models):
+    """--normalize rank: each sentence's R is its negated rank mix (in [-1, 0)), and a response's reward is the
+    released code's path average, sum of ranks / (sentences + 1), negated -- not the sum, which would always
+    choose the shortest response."""
+    out = tmp_path / "run"
+    csr.main(["--preset", "micro", "--out", str(out), "--normalize", "rank", "--n_prompts", "4",
+              "--stop_after", "collect"])
+    pairs = [r for r in read_jsonl(out / "iter1" / "pairs.jsonl") if "skip" not in r]
+    assert pairs, "the micro run made no pair"
+    for record in pairs:
+        for side in ("chosen", "rejected"):
+            ranks = [-s["R"] for s in record[f"{side}_sentences"]]
+            assert all(0.0 < r <= 1.0 for r in ranks)
+            assert record[f"{side}_reward"] == pytest.approx(-sum(ranks) / (len(ranks) + 1), abs=2e-3)
+        assert record["chosen_reward"] > record["rejected_reward"]
+
+
 class Killed(Exception):
     pass
 

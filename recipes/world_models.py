@@ -145,25 +145,29 @@ class WorldModelsConfig:
     train_scenes: int = 8000  # the training-split scenes every stage draws from (images kept preprocessed)
     micro_batch: int = 32
     warmup_ratio: float = 0.05
-    clip_steps: int = 500
+    clip_steps: int = 700
     clip_batch: int = 128
     clip_lr: float = 2e-3
     clip_hard_negatives: int = 5  # per pair, its text with the object's shape replaced by an absent one
     clip_place_negatives: int = 2  # per pair naming a place, its text with the place replaced by an empty cell
+    clip_colour_negatives: int = 1  # per pair, its text with the colour replaced by one the image lacks
+    clip_sign_weight: float = 1.0  # the sign term of clip_loss: cos > 0 for true texts, < 0 for hard negatives
+    clip_sign_scale: float | None = None  # its logit is clip_sign_scale * cos (None: the learnt temperature)
+    clip_sign_positive_share: float = 0.8  # the weight of its positives (the hard negatives get the rest)
     clip_single_object_share: float = 0.5  # share of CLIP's images drawn from one-object scenes
     clip_hf_init: bool = False  # Hugging Face's initialisation; False: PyTorch's defaults (trained faster here)
     align_steps: int = 900
     align_batch: int = 32
     align_lr: float = 1e-3
-    align_train_vision: bool = False
+    align_train_vision: bool = True
     sft_steps: int = 300
     sft_batch: int = 32
     sft_lr: float = 1e-3
-    sft_train_vision: bool = False
+    sft_train_vision: bool = True
     labeler_steps: int = 400
     labeler_batch: int = 32
     labeler_lr: float = 1e-3
-    labeler_train_vision: bool = False
+    labeler_train_vision: bool = True
     # The labeler starts from the SFT model, whose yes/no answers already look at the image (a
     # decoder that has to learn that from the aligned model's start sat near chance for hundreds of
     # steps), and is then trained on clean yes/no questions only; "aligned" starts it from stage 1.
@@ -370,15 +374,18 @@ def _train_scene(c: WorldModelsConfig, k: int) -> tuple[int, int]:
     return seeds[k % len(seeds)], k // len(seeds)
 
 
-def clip_texts(scene, variant: int, hard_negatives: int = 0, place_negatives: int = 0) -> tuple[str, list]:
+def clip_texts(scene, variant: int, hard_negatives: int = 0, place_negatives: int = 0,
+               colour_negatives: int = 0) -> tuple[str, list]:
     """A text about one object of the scene, and hard negative texts that differ from it in one detail.
 
     The text is a caption sentence (half the time: "The red circle is at the top left."), "a red
     circle", or "a red circle at the top left". Its negatives (NegCLIP's hard negatives, Yuksekgonul et
     al. 2023: random in-batch texts can mostly be told apart by colour alone, these cannot): up to
     ``hard_negatives`` with the object's shape replaced by shapes the image lacks ("a red square ..."),
-    and, for texts that name a place, up to ``place_negatives`` with the place replaced by empty cells.
-    A shape is named by a synonym ("box") with probability 0.3, as in the world's captions.
+    for texts that name a place, up to ``place_negatives`` with the place replaced by empty cells, and
+    up to ``colour_negatives`` with the colour replaced by one no object of the image has. Every
+    negative is false of the image. A shape is named by a synonym ("box") with probability 0.3, as in
+    the world's captions.
     """
     rng = world_rng(scene.seed, "clip-text", variant)
     obj = rng.choice(scene.objects)
@@ -388,19 +395,22 @@ def clip_texts(scene, variant: int, hard_negatives: int = 0, place_negatives: in
     rng.shuffle(empty)
     form, template = rng.random(), rng.randrange(len(SENTENCE_TEMPLATES))
     use_synonym, synonym_pick, phrase_pick = rng.random() < 0.3, rng.randrange(2), rng.randrange(2)
+    free_colours = [name for name in scene.config.colour_names if name not in {o.colour for o in scene.objects}]
+    rng.shuffle(free_colours)
 
-    def text_about(shape: str, cell: int) -> str:
+    def text_about(shape: str, cell: int, colour: str = obj.colour) -> str:
         synonyms = SHAPE_SYNONYMS[shape]
         word = synonyms[synonym_pick % len(synonyms)] if use_synonym and synonyms else shape
         place = PLACE_PHRASES[PLACES[cell]][phrase_pick]
         if form < 0.5:
-            return fill_template(template, obj.colour, word, place)[0]
-        phrase = f"{article(obj.colour)} {obj.colour} {word}"
+            return fill_template(template, colour, word, place)[0]
+        phrase = f"{article(colour)} {colour} {word}"
         return phrase if form < 0.75 else f"{phrase} {place}"
 
     negatives = [text_about(shape, obj.cell) for shape in absent[:hard_negatives]]
     if form < 0.5 or form >= 0.75:  # the text names a place
         negatives += [text_about(obj.shape, cell) for cell in empty[:place_negatives]]
+    negatives += [text_about(obj.shape, obj.cell, colour) for colour in free_colours[:colour_negatives]]
     return text_about(obj.shape, obj.cell), negatives
 
 
@@ -430,35 +440,69 @@ class ClipPairs:
         seed, variant = _train_scene(self.c, k)
         single = world_rng(seed, "clip-single-object").random() < self.c.clip_single_object_share
         text, negatives = clip_texts(sample_scene(seed, self.worlds[single]), variant, self.c.clip_hard_negatives,
-                                     self.c.clip_place_negatives)
+                                     self.c.clip_place_negatives, self.c.clip_colour_negatives)
         return {"pixel_values": self.pixels[single](seed), "input_ids": torch.tensor(self.tokenizer.encode(text).ids),
                 "negative_ids": [torch.tensor(self.tokenizer.encode(t).ids) for t in negatives]}
 
 
 def collate_clip(examples: list, *, pad_id: int = CLIP_EOS_ID) -> dict:
     """Images [B, 3, H, W]; texts [B + N, T]: the B paired texts first, then every example's hard negatives,
-    right-padded with the end token (pooling takes its first occurrence)."""
-    texts = [e["input_ids"] for e in examples] + [t for e in examples for t in e.get("negative_ids", [])]
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": pad_batch(texts, pad_id)[0]}
+    right-padded with the end token (pooling takes its first occurrence); ``negative_owner`` [N]: the
+    example (image) each negative was made from."""
+    negatives = [(i, t) for i, e in enumerate(examples) for t in e.get("negative_ids", [])]
+    texts = [e["input_ids"] for e in examples] + [t for _, t in negatives]
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": pad_batch(texts, pad_id)[0],
+            "negative_owner": torch.tensor([i for i, _ in negatives], dtype=torch.long)}
 
 
-def clip_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3) with hard negative texts (NegCLIP).
+def clip_loss(model, batch: dict, *, sign_weight: float = 0.0, sign_scale: float | None = None,
+              sign_positive_share: float = 0.5) -> tuple[torch.Tensor, dict]:
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3) with hard negative texts (NegCLIP), plus an
+    optional sign term.
 
     logits ``[B, B + N] = exp(logit_scale) * cos(image_i, text_j)`` for B images and their B paired texts
     followed by N hard negatives; image -> text: cross-entropy of each row towards its own text, the
     negatives being extra wrong columns; text -> image: cross-entropy of each paired text's column over
     the B images (a negative text has no image). The two are averaged. Each rank contrasts within its
-    own micro-batch (no all-gather). Metrics: image -> text top-1 accuracy, the temperature.
+    own micro-batch (no all-gather).
+
+    Sign term (``sign_weight`` > 0; the pairwise sigmoid loss of SigLIP, Zhai et al. 2023, with its bias
+    fixed at 0, on pairs whose truth is known): binary cross-entropy of ``sigmoid(sign_scale * cos)``
+    towards 1 for each image with its own text and towards 0 for each image with its hard negatives
+    (``batch["negative_owner"]``), the two means weighted ``sign_positive_share`` and 1 - that;
+    ``sign_scale`` None uses the contrastive temperature ``exp(logit_scale)``. InfoNCE only orders
+    texts; this makes the sign of the cosine say true or false, which is what CSR's clipped score
+    ``max(100 cos, 0)`` reads: a sentence about an absent object then scores 0 instead of a smaller
+    positive number. The hard negatives differ from the truth in one word and overlap it; weighting
+    the positives more moves the boundary towards them, so that true sentences keep a positive score
+    and the made-up sentences of the prior (wrong in shape, colour and place) still fall below 0.
+    (A fixed scale of 100 from the first step collapsed the training: every cosine went negative.)
+
+    Metrics: image -> text top-1 accuracy, the temperature, and (with negatives) the share of hard
+    negatives with a negative cosine.
     """
     logits = model(batch["input_ids"], batch["pixel_values"])  # [B images, B + N texts]
     B = logits.shape[0]
     target = torch.arange(B, device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :B].T, target))
+    owner = batch.get("negative_owner")
+    negative_logits = None
+    if owner is not None and owner.numel():
+        owner = owner.to(logits.device)
+        negative_logits = logits[owner, B + torch.arange(owner.numel(), device=logits.device)]  # [N]
+    if sign_weight > 0 and negative_logits is not None:
+        rescale = 1.0
+        if sign_scale is not None:  # logits = exp(logit_scale) * cos -> sign_scale * cos
+            rescale = sign_scale / (model.module if hasattr(model, "module") else model).logit_scale.exp().detach()
+        positive = F.binary_cross_entropy_with_logits(rescale * logits[target, target], torch.ones(B, device=logits.device))
+        negative = F.binary_cross_entropy_with_logits(rescale * negative_logits, torch.zeros_like(negative_logits))
+        loss = loss + sign_weight * (sign_positive_share * positive + (1 - sign_positive_share) * negative)
     with torch.no_grad():
-        accuracy = (logits.argmax(-1) == target).float().mean()
-        scale = (model.module if hasattr(model, "module") else model).logit_scale.exp()
-    return loss, {"accuracy": accuracy, "logit_scale": scale}
+        metrics = {"accuracy": (logits.argmax(-1) == target).float().mean(),
+                   "logit_scale": (model.module if hasattr(model, "module") else model).logit_scale.exp()}
+        if negative_logits is not None:
+            metrics["negatives_below_0"] = (negative_logits < 0).float().mean()
+    return loss, metrics
 
 
 def _record(seed: int, variant: int, turns: list) -> dict:
@@ -541,7 +585,16 @@ def absent_object_sentence(scene, rng) -> str:
 def clip_present_over_absent(clip: CLIPModel, clip_raw_tokenizer, world: WorldConfig, n_images: int) -> float:
     """Share of test images whose CLIP similarity to a sentence about a present object exceeds that to a
     sentence about an absent one (``absent_object_sentence``): what CSR's image-relevance reward needs."""
-    wins = []
+    return clip_present_and_absent(clip, clip_raw_tokenizer, world, n_images)["present_over_absent"]
+
+
+@torch.no_grad()
+def clip_present_and_absent(clip: CLIPModel, clip_raw_tokenizer, world: WorldConfig, n_images: int) -> dict:
+    """CLIP on one sentence about a present object and one about an absent object
+    (``absent_object_sentence``) per test image: how often the present one has the higher cosine
+    (``present_over_absent``), and how often CSR's clipped score ``max(100 cos, 0)`` is positive for the
+    present sentence (``present_scored``) and zero for the absent one (``absent_zeroed``)."""
+    wins, present_positive, absent_zero = [], [], []
     device = next(clip.parameters()).device
     for batch in _chunks(list(scenes("test", world, limit=n_images)), 64):
         present, absent = [], []
@@ -554,8 +607,12 @@ def clip_present_over_absent(clip: CLIPModel, clip_raw_tokenizer, world: WorldCo
         image = F.normalize(clip.encode_image(pixels), dim=-1)
         good = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, present).to(device)), dim=-1)
         bad = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, absent).to(device)), dim=-1)
-        wins += ((image * good).sum(-1) > (image * bad).sum(-1)).tolist()
-    return sum(wins) / len(wins)
+        good_cos, bad_cos = (image * good).sum(-1), (image * bad).sum(-1)
+        wins += (good_cos > bad_cos).tolist()
+        present_positive += (good_cos > 0).tolist()
+        absent_zero += (bad_cos <= 0).tolist()
+    return {"present_over_absent": sum(wins) / len(wins), "present_scored": sum(present_positive) / len(wins),
+            "absent_zeroed": sum(absent_zero) / len(wins)}
 
 
 @torch.no_grad()
@@ -810,7 +867,9 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
             init_clip_weights(clip)
         _log(verbose, f"[clip] {c.clip_steps} steps x {c.clip_batch} (+ {c.clip_hard_negatives} hard negatives "
                       f"each), {sum(p.numel() for p in clip.parameters()):,} parameters")
-        train(clip, ClipPairs(c, clip_raw, c.clip_steps * c.clip_batch, pixels), clip_loss,
+        train(clip, ClipPairs(c, clip_raw, c.clip_steps * c.clip_batch, pixels),
+              functools.partial(clip_loss, sign_weight=c.clip_sign_weight, sign_scale=c.clip_sign_scale,
+                                sign_positive_share=c.clip_sign_positive_share),
               _train_config(c, root / "train" / "clip", steps=c.clip_steps, batch=c.clip_batch, lr=c.clip_lr,
                             verbose=verbose, micro_batch=c.clip_batch),  # contrast the whole batch at once
               collate_fn=collate_clip)
@@ -876,7 +935,10 @@ def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenize
     from recipes.evaluate import evaluate, world_eval_set
 
     n = c.eval_images
-    report = {"clip_present_over_absent": clip_present_over_absent(clip, clip_raw, c.world, n),
+    present_and_absent = clip_present_and_absent(clip, clip_raw, c.world, n)
+    report = {"clip_present_over_absent": present_and_absent["present_over_absent"],
+              "clip_present_scored": present_and_absent["present_scored"],
+              "clip_absent_zeroed": present_and_absent["absent_zeroed"],
               "clip_present_over_swapped_shape": clip_present_over_swapped_shape(clip, clip_raw, c.world, n),
               "labeler_accuracy": labeler_accuracy(labeler, tokenizer, c.world, n)}
     report["sft"] = evaluate(sft, tokenizer, world_eval_set(c.world, n_images=n), verbose=False)
@@ -902,6 +964,9 @@ def print_report(report: dict, file=None) -> None:
         ok = wanted[0] <= value <= wanted[1] if op == "in" else value >= wanted
         want = f"{100 * wanted[0]:.0f}-{100 * wanted[1]:.0f}%" if op == "in" else f">= {100 * wanted:.0f}%"
         print(f"{name:<44}{100 * value:6.1f}%   {want:<10} {'ok' if ok else 'MISSED'}", file=file)
+    if "clip_absent_zeroed" in report:
+        print(f"CLIP score max(100 cos, 0): positive for the present sentence {100 * report['clip_present_scored']:.1f}%, "
+              f"zero for the absent one {100 * report['clip_absent_zeroed']:.1f}%", file=file)
     if "clip_present_over_swapped_shape" in report:
         print(f"CLIP, the competing text differing only in shape: {100 * report['clip_present_over_swapped_shape']:.1f}%",
               file=file)

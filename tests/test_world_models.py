@@ -146,6 +146,49 @@ def test_clip_loss_matches_a_hand_computation():
     assert loss.item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-6)
     assert metrics["accuracy"].item() == 1.0
 
+    # the sign term: the hard negative (column 2) was made from image 1, whose logit for it is -1.0
+    def softplus(x):
+        return math.log1p(math.exp(x))
+
+    batch = {"input_ids": None, "pixel_values": None, "negative_owner": torch.tensor([1])}
+    signed, metrics = wm.clip_loss(Fixed(logits), batch, sign_weight=0.5)
+    positives = (softplus(-2.0) + softplus(-1.5)) / 2  # -log sigmoid(logit) of each image's own text
+    negatives = softplus(-1.0)  # -log(1 - sigmoid(logit)) of the hard negative
+    assert signed.item() == pytest.approx(loss.item() + 0.5 * 0.5 * (positives + negatives), rel=1e-6)
+    assert metrics["negatives_below_0"].item() == 1.0
+    # a fixed scale for the sign term: logits are exp(0) * cos here, so sign_scale 3 triples them
+    scaled, _ = wm.clip_loss(Fixed(logits), batch, sign_weight=0.5, sign_scale=3.0)
+    positives = (softplus(-6.0) + softplus(-4.5)) / 2
+    assert scaled.item() == pytest.approx(loss.item() + 0.5 * 0.5 * (positives + softplus(-3.0)), rel=1e-6)
+
+
+def test_collate_clip_records_which_image_each_negative_belongs_to():
+    examples = [{"pixel_values": torch.zeros(3, 4, 4), "input_ids": torch.tensor([1, 5, 3]),
+                 "negative_ids": [torch.tensor([1, 6, 3]), torch.tensor([1, 7, 3])]},
+                {"pixel_values": torch.ones(3, 4, 4), "input_ids": torch.tensor([1, 8, 9, 3]), "negative_ids": []},
+                {"pixel_values": torch.ones(3, 4, 4), "input_ids": torch.tensor([1, 5, 3]),
+                 "negative_ids": [torch.tensor([1, 9, 3])]}]
+    batch = wm.collate_clip(examples)
+    assert batch["input_ids"].shape == (6, 4)
+    assert batch["input_ids"][3:, 1].tolist() == [6, 7, 9]  # the negatives follow the 3 paired texts
+    assert batch["negative_owner"].tolist() == [0, 0, 2]
+
+
+def test_clip_colour_negatives_name_a_colour_the_image_lacks():
+    scene = sample_scene(11)
+    present = {(o.colour, o.shape) for o in scene.objects}
+    for variant in range(12):
+        text, negatives = wm.clip_texts(scene, variant, colour_negatives=2)
+        assert len(negatives) == 2
+        def words(t):  # lower case, without articles (they follow the colour: "a red", "an orange")
+            return [w for w in t.lower().rstrip(".").split() if w not in ("a", "an")]
+
+        (own,) = [c for c in scene.config.colour_names if c in words(text)]
+        for negative in negatives:
+            (colour,) = [c for c in scene.config.colour_names if c in words(negative)]
+            assert colour not in {c for c, _ in present}
+            assert [own if w == colour else w for w in words(negative)] == words(text)  # only the colour differs
+
 
 def test_clip_hard_negatives_differ_only_in_an_absent_shape():
     import re

@@ -18,13 +18,19 @@ The chain (``build_world_models``):
 2. CLIP (Radford et al. 2021): a ViT image tower and a causal text tower trained with the
    symmetric InfoNCE loss and the learnable ``logit_scale``, on (image, text) pairs where the
    text is about one object of the image: a caption sentence ("The red circle is at the top
-   left."), or a short phrase ("a red circle", "a red circle at the top left");
+   left."), or a short phrase ("a red circle", "a red circle at the top left"), with hard negative
+   texts (one word changed so that the text is false) and a sign term on them (``clip_loss``): the
+   cosine is positive for true texts and negative for false ones, so CSR's clipped score
+   ``max(100 cos, 0)`` gives a made-up sentence 0, as a real CLIP gives an unrelated caption a low score;
 3. the aligned LVLM (LLaVA-1.5 stage 1, Liu et al. 2023): CLIP's image tower copied into
    ``vision_tower.vision_model`` (features of layer -2, CLS dropped: a 48 px canvas in 16 px
    patches = 9 image tokens, one per cell of the world's 3 x 3 grid), a new projector and a new
    Llama decoder (GQA), trained on conversations of a clean caption and clean questions (yes/no
    and short-answer; ``world_caption_records`` says why) in the vicuna_v1 template with
-   assistant-only labels; the vision tower stays frozen as released;
+   assistant-only labels. LLaVA-1.5 keeps its vision tower frozen; the world's tower is CLIP's after
+   a few minutes of training, whose patch features tell a cell's shape only ~92% of the time (a
+   linear probe), so here every LVLM stage trains it too (``*_train_vision``), which the per-image
+   recall and yes/no accuracy need;
 4. the SFT model (stage 2, ``recipes/sft.py``): from 3, on conversations mixing a description
    that carries the language prior's noise (``lvlm.world.describe``), yes/no questions and a
    multiple-choice question;

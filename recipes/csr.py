@@ -270,7 +270,7 @@ def resolve_inputs(config: CSRConfig) -> Inputs:
         preset = WORLD_PRESETS[config.world_preset]
         models = ensure_world_models(preset)  # trained now if not cached
         world = preset.world
-        return Inputs(model=models.sft, clip=models.clip,
+        return Inputs(model=models.sft, clip=models.reward_clip,
                       prompts=functools.partial(world_prompts, world, config.n_prompts),
                       load_image=functools.partial(render_world_image, world),
                       eval_set=world_eval_set(world, n_images=config.eval_images, split="test"))

@@ -19,18 +19,21 @@ The chain (``build_world_models``):
    symmetric InfoNCE loss and the learnable ``logit_scale``, on (image, text) pairs where the
    text is about one object of the image: a caption sentence ("The red circle is at the top
    left."), or a short phrase ("a red circle", "a red circle at the top left"), with hard negative
-   texts (one word changed so that the text is false) and a sign term on them (``clip_loss``): the
-   cosine is positive for true texts and negative for false ones, so CSR's clipped score
-   ``max(100 cos, 0)`` gives a made-up sentence 0, as a real CLIP gives an unrelated caption a low score;
+   texts (one word changed so that the text is false); optionally (``clip_sign_weight``) a sign term
+   on them (``clip_loss``) that makes the cosine positive for true texts and negative for false ones,
+   so that CSR's clipped score ``max(100 cos, 0)`` gives a made-up sentence 0 -- off for this CLIP,
+   whose image tower the LVLMs take (see the field's comment), on for the second one, 2b;
+2b. CSR's reward CLIP (``reward_clip_config``): the same CLIP trained again with the sign term, the
+   ``--clip`` of ``recipes/csr.py`` on the world;
 3. the aligned LVLM (LLaVA-1.5 stage 1, Liu et al. 2023): CLIP's image tower copied into
    ``vision_tower.vision_model`` (features of layer -2, CLS dropped: a 48 px canvas in 16 px
    patches = 9 image tokens, one per cell of the world's 3 x 3 grid), a new projector and a new
    Llama decoder (GQA), trained on conversations of a clean caption and clean questions (yes/no
    and short-answer; ``world_caption_records`` says why) in the vicuna_v1 template with
-   assistant-only labels. LLaVA-1.5 keeps its vision tower frozen; the world's tower is CLIP's after
-   a few minutes of training, whose patch features tell a cell's shape only ~92% of the time (a
-   linear probe), so here every LVLM stage trains it too (``*_train_vision``), which the per-image
-   recall and yes/no accuracy need;
+   assistant-only labels; the vision tower stays frozen as released. (Its patch features tell a
+   cell's shape only ~92% of the time to a linear probe, but training it with the decoder,
+   ``*_train_vision``, left the decoder blind after 900 steps: it learnt the text prior and answered
+   every yes/no question alike);
 4. the SFT model (stage 2, ``recipes/sft.py``): from 3, on conversations mixing a description
    that carries the language prior's noise (``lvlm.world.describe``), yes/no questions and a
    multiple-choice question;
@@ -56,7 +59,7 @@ responses that end instead (CSR, RLAIF-V, Fact-RLHF all see both kinds among the
 samples).
 
 The cache: ``$LVLM_CACHE`` (default ``~/.cache/lvlm_align``) / ``world-<key>`` / {``clip``,
-``aligned``, ``sft``, ``labeler``} + ``tokenizer.json``, ``config.json``, ``report.json``. The key
+``reward_clip``, ``aligned``, ``sft``, ``labeler``} + ``tokenizer.json``, ``config.json``, ``report.json``. The key
 hashes the whole config, the tokenizer file and ``FORMAT_VERSION``. A build happens in
 ``world-<key>.partial`` (training checkpoints included, so a killed build resumes where it
 stopped) and is renamed into place when complete: a directory named ``world-<key>`` is always
@@ -151,29 +154,39 @@ class WorldModelsConfig:
     train_scenes: int = 8000  # the training-split scenes every stage draws from (images kept preprocessed)
     micro_batch: int = 32
     warmup_ratio: float = 0.05
-    clip_steps: int = 700
+    clip_steps: int = 500
     clip_batch: int = 128
     clip_lr: float = 2e-3
     clip_hard_negatives: int = 5  # per pair, its text with the object's shape replaced by an absent one
     clip_place_negatives: int = 2  # per pair naming a place, its text with the place replaced by an empty cell
-    clip_colour_negatives: int = 1  # per pair, its text with the colour replaced by one the image lacks
-    clip_sign_weight: float = 1.0  # the sign term of clip_loss: cos > 0 for true texts, < 0 for hard negatives
+    clip_colour_negatives: int = 0  # per pair, its text with the colour replaced by one the image lacks
+    # The sign term of clip_loss (cos > 0 for true texts, < 0 for hard negatives). Off for the CLIP whose
+    # image tower the LVLMs take: LVLMs built on a tower trained with it (weight 1, share 0.8, 1 colour
+    # negative, 700 steps) stayed blind (SFT POPE 49.6%, yes-ratio 98%). On for the reward CLIP below.
+    clip_sign_weight: float = 0.0
     clip_sign_scale: float | None = None  # its logit is clip_sign_scale * cos (None: the learnt temperature)
     clip_sign_positive_share: float = 0.8  # the weight of its positives (the hard negatives get the rest)
     clip_single_object_share: float = 0.5  # share of CLIP's images drawn from one-object scenes
     clip_hf_init: bool = False  # Hugging Face's initialisation; False: PyTorch's defaults (trained faster here)
+    # CSR's reward CLIP (R_I), a second CLIP of the same size trained with the sign term, so that its clipped
+    # score max(100 cos, 0) is 0 for a sentence about an absent object (``reward_clip_config``).
+    # reward_clip_steps 0: no second CLIP, CSR scores with the first one.
+    reward_clip_steps: int = 700
+    reward_clip_sign_weight: float = 1.0
+    reward_clip_sign_positive_share: float = 0.8
+    reward_clip_colour_negatives: int = 1
     align_steps: int = 900
     align_batch: int = 32
     align_lr: float = 1e-3
-    align_train_vision: bool = True
+    align_train_vision: bool = False
     sft_steps: int = 300
     sft_batch: int = 32
     sft_lr: float = 1e-3
-    sft_train_vision: bool = True
+    sft_train_vision: bool = False
     labeler_steps: int = 400
     labeler_batch: int = 32
     labeler_lr: float = 1e-3
-    labeler_train_vision: bool = True
+    labeler_train_vision: bool = False
     # The labeler starts from the SFT model, whose yes/no answers already look at the image (a
     # decoder that has to learn that from the aligned model's start sat near chance for hundreds of
     # steps), and is then trained on clean yes/no questions only; "aligned" starts it from stage 1.
@@ -195,7 +208,7 @@ WORLD_PRESETS = {
     "micro": WorldModelsConfig(
         vision_hidden=16, vision_layers=2, vision_heads=1, clip_text_hidden=16, clip_text_layers=1, clip_text_heads=1,
         clip_projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2, lm_kv_heads=1, lm_intermediate=64,
-        train_scenes=64, micro_batch=8, clip_steps=4, clip_batch=16, align_steps=3, align_batch=8, sft_steps=3, sft_batch=8,
+        train_scenes=64, micro_batch=8, clip_steps=4, reward_clip_steps=3, clip_batch=16, align_steps=3, align_batch=8, sft_steps=3, sft_batch=8,
         labeler_steps=3, labeler_batch=8, labeler_questions=3, save_every=0, eval_images=4,
     ),
 }
@@ -211,6 +224,7 @@ class WorldModels:
     tokenizer: Path
     aligned: Path  # the stage-1 model (captions only), the starting point of SFT and of the labeler
     root: Path
+    reward_clip: Path  # CSR's R_I: the sign-calibrated CLIP (== clip when reward_clip_steps is 0)
 
     def report(self) -> dict:
         """The measured targets (``report.json``)."""
@@ -418,6 +432,20 @@ def clip_texts(scene, variant: int, hard_negatives: int = 0, place_negatives: in
         negatives += [text_about(obj.shape, cell) for cell in empty[:place_negatives]]
     negatives += [text_about(obj.shape, obj.cell, colour) for colour in free_colours[:colour_negatives]]
     return text_about(obj.shape, obj.cell), negatives
+
+
+def reward_clip_config(c: WorldModelsConfig) -> WorldModelsConfig:
+    """The reward CLIP's settings: the first CLIP's, with the sign term, its colour negatives and its steps.
+
+    Why a second CLIP: CSR's image relevance ``max(100 cos, 0)`` (paper Eq. 2) reads the cosine's
+    level, and InfoNCE only orders texts -- the first CLIP gives a sentence about an absent object a
+    clipped score of about 29 against 50 for a true one, so a summed reward pays for every extra
+    sentence, made up or not. The sign term puts true texts above cos = 0 and false ones below. Its
+    image tower is not the LVLMs' (LVLMs built on such a tower stayed blind, see ``clip_sign_weight``).
+    """
+    return dataclasses.replace(c, clip_steps=c.reward_clip_steps, clip_sign_weight=c.reward_clip_sign_weight,
+                               clip_sign_positive_share=c.reward_clip_sign_positive_share,
+                               clip_colour_negatives=c.reward_clip_colour_negatives)
 
 
 def single_object_world(world: WorldConfig) -> WorldConfig:
@@ -713,8 +741,10 @@ def default_cache_dir() -> Path:
 
 
 def _paths(root: Path) -> WorldModels:
+    reward_clip = root / "reward_clip"
     return WorldModels(clip=root / "clip", sft=root / "sft", labeler=root / "labeler",
-                       tokenizer=root / "tokenizer.json", aligned=root / "aligned", root=root)
+                       tokenizer=root / "tokenizer.json", aligned=root / "aligned", root=root,
+                       reward_clip=reward_clip if reward_clip.is_dir() else root / "clip")
 
 
 def _is_complete(root: Path) -> bool:
@@ -861,28 +891,37 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
     pixels = WorldPixels(c.world)
 
     # 2. CLIP
+    def clip_stage(cc: WorldModelsConfig, name: str) -> CLIPModel:
+        if _done(root / name):
+            _log(verbose, f"[{name}] found {root / name}")
+            return load_clip(root / name, dtype=torch.float32)
+        torch.manual_seed(cc.seed)
+        model = CLIPModel(clip_config(cc, vocab_size))
+        if cc.clip_hf_init:
+            init_clip_weights(model)
+        _log(verbose, f"[{name}] {cc.clip_steps} steps x {cc.clip_batch} (+ {cc.clip_hard_negatives} hard negatives "
+                      f"each, sign term x {cc.clip_sign_weight}), {sum(p.numel() for p in model.parameters()):,} parameters")
+        train(model, ClipPairs(cc, clip_raw, cc.clip_steps * cc.clip_batch, pixels),
+              functools.partial(clip_loss, sign_weight=cc.clip_sign_weight, sign_scale=cc.clip_sign_scale,
+                                sign_positive_share=cc.clip_sign_positive_share),
+              _train_config(cc, root / "train" / name, steps=cc.clip_steps, batch=cc.clip_batch, lr=cc.clip_lr,
+                            verbose=verbose, micro_batch=cc.clip_batch),  # contrast the whole batch at once
+              collate_fn=collate_clip)
+        model.requires_grad_(False)
+        model.eval()
+        _save(model, root / name, clip_tokenizer_text, save_clip)
+        return model
+
     choose_threads()
     t = time.time()
-    if _done(root / "clip"):
-        clip = load_clip(root / "clip", dtype=torch.float32)
-        _log(verbose, f"[clip] found {root / 'clip'}")
-    else:
-        torch.manual_seed(c.seed)
-        clip = CLIPModel(clip_config(c, vocab_size))
-        if c.clip_hf_init:
-            init_clip_weights(clip)
-        _log(verbose, f"[clip] {c.clip_steps} steps x {c.clip_batch} (+ {c.clip_hard_negatives} hard negatives "
-                      f"each), {sum(p.numel() for p in clip.parameters()):,} parameters")
-        train(clip, ClipPairs(c, clip_raw, c.clip_steps * c.clip_batch, pixels),
-              functools.partial(clip_loss, sign_weight=c.clip_sign_weight, sign_scale=c.clip_sign_scale,
-                                sign_positive_share=c.clip_sign_positive_share),
-              _train_config(c, root / "train" / "clip", steps=c.clip_steps, batch=c.clip_batch, lr=c.clip_lr,
-                            verbose=verbose, micro_batch=c.clip_batch),  # contrast the whole batch at once
-              collate_fn=collate_clip)
-        clip.requires_grad_(False)
-        clip.eval()
-        _save(clip, root / "clip", clip_tokenizer_text, save_clip)
+    clip = clip_stage(c, "clip")
     seconds["clip"] = time.time() - t
+    reward_clip = clip
+    if c.reward_clip_steps > 0:  # 2b. CSR's reward CLIP
+        choose_threads()
+        t = time.time()
+        reward_clip = clip_stage(reward_clip_config(c), "reward_clip")
+        seconds["reward_clip"] = time.time() - t
 
     # 3. the aligned model: CLIP's image tower + new projector + new decoder, on clean captions
     def fresh_lvlm():
@@ -926,7 +965,7 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
     # 6. measurements
     if is_main_process() and not (root / "report.json").is_file():
         t = time.time()
-        report = measure_targets(c, clip, clip_raw, sft, labeler, tokenizer, verbose=verbose)
+        report = measure_targets(c, clip, clip_raw, sft, labeler, tokenizer, verbose=verbose, reward_clip=reward_clip)
         seconds["measure"] = time.time() - t
         seconds["total"] = time.time() - started
         report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
@@ -936,13 +975,15 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
 
 
 def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenizer: Tokenizer, *,
-                    verbose: bool = True) -> dict:
-    """CLIP present-over-absent rate, labeler accuracy and the SFT model's evaluation, on test images."""
+                    verbose: bool = True, reward_clip=None) -> dict:
+    """CLIP present-over-absent rate, labeler accuracy and the SFT model's evaluation, on test images; the
+    clipped-score rates of CSR's reward CLIP (``reward_clip``, default ``clip``)."""
     from recipes.evaluate import evaluate, world_eval_set
 
     n = c.eval_images
-    present_and_absent = clip_present_and_absent(clip, clip_raw, c.world, n)
-    report = {"clip_present_over_absent": present_and_absent["present_over_absent"],
+    present_and_absent = clip_present_and_absent(reward_clip or clip, clip_raw, c.world, n)
+    report = {"clip_present_over_absent": clip_present_over_absent(clip, clip_raw, c.world, n),
+              "reward_clip_present_over_absent": present_and_absent["present_over_absent"],
               "clip_present_scored": present_and_absent["present_scored"],
               "clip_absent_zeroed": present_and_absent["absent_zeroed"],
               "clip_present_over_swapped_shape": clip_present_over_swapped_shape(clip, clip_raw, c.world, n),
@@ -971,8 +1012,9 @@ def print_report(report: dict, file=None) -> None:
         want = f"{100 * wanted[0]:.0f}-{100 * wanted[1]:.0f}%" if op == "in" else f">= {100 * wanted:.0f}%"
         print(f"{name:<44}{100 * value:6.1f}%   {want:<10} {'ok' if ok else 'MISSED'}", file=file)
     if "clip_absent_zeroed" in report:
-        print(f"CLIP score max(100 cos, 0): positive for the present sentence {100 * report['clip_present_scored']:.1f}%, "
-              f"zero for the absent one {100 * report['clip_absent_zeroed']:.1f}%", file=file)
+        print(f"reward CLIP's score max(100 cos, 0): positive for the present sentence "
+              f"{100 * report['clip_present_scored']:.1f}%, zero for the absent one {100 * report['clip_absent_zeroed']:.1f}% "
+              f"(present above absent {100 * report.get('reward_clip_present_over_absent', 0):.1f}%)", file=file)
     if "clip_present_over_swapped_shape" in report:
         print(f"CLIP, the competing text differing only in shape: {100 * report['clip_present_over_swapped_shape']:.1f}%",
               file=file)

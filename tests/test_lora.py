@@ -115,7 +115,9 @@ def test_merge_equals_unmerged_and_restores_canonical_modules():
         merge_lora(model)
         merged = model(ids, pixels)
     assert not torch.equal(unmerged, tiny_model().eval()(ids, pixels))  # the adapters do something
-    torch.testing.assert_close(merged, unmerged, atol=1e-6, rtol=0)
+    # W + s B A in one matrix rounds differently from W x + s B (A x): a few float32 ulps of the
+    # logits (1.04e-6 seen on an AMD EPYC), while a wrong merge (scale, transpose) is off by ~1e-2
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     assert not lora_modules(model)
     assert type(model.language_model.model.layers[0].self_attn.q_proj) is nn.Linear
     assert set(model.state_dict()) == canonical_keys

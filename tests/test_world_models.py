@@ -34,10 +34,33 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
         assert model.config.vision_feature_layer == -2
         assert Tokenizer.from_file(directory).image_token_id == model.config.image_token_index
     assert Tokenizer.from_file(models.tokenizer).vocab_size == clip.config.text_config.vocab_size
+    reward_clip = load_clip(models.reward_clip)  # CSR's R_I: a second CLIP, trained with the sign term
+    assert models.reward_clip == models.root / "reward_clip"
+    assert reward_clip.config == clip.config
+    assert not torch.equal(reward_clip.text_projection.weight, clip.text_projection.weight)
     report = models.report()
-    assert 0.0 <= report["clip_present_over_absent"] <= 1.0
+    for key in ("clip_present_over_absent", "reward_clip_present_over_absent", "clip_present_scored",
+                "clip_absent_zeroed"):
+        assert 0.0 <= report[key] <= 1.0, key
     assert set(report["sft"]) >= {"chair_s", "recall", "pope_acc", "mc_acc"}
     assert not (models.root / "train").exists()  # training checkpoints are not kept in the cache
+
+
+def test_reward_clip_config_turns_on_the_sign_term_only():
+    c = wm.WORLD_PRESETS["default"]
+    r = wm.reward_clip_config(c)
+    assert (r.clip_steps, r.clip_sign_weight, r.clip_sign_positive_share, r.clip_colour_negatives) == (
+        c.reward_clip_steps, c.reward_clip_sign_weight, c.reward_clip_sign_positive_share, c.reward_clip_colour_negatives)
+    assert c.clip_sign_weight == 0.0 < r.clip_sign_weight
+    assert wm.clip_config(r, 100) == wm.clip_config(c, 100)  # the same architecture
+
+
+def test_without_reward_clip_steps_csr_scores_with_the_first_clip(tmp_path):
+    root = tmp_path / "world-x"
+    (root / "clip").mkdir(parents=True)
+    assert wm._paths(root).reward_clip == root / "clip"
+    (root / "reward_clip").mkdir()
+    assert wm._paths(root).reward_clip == root / "reward_clip"
 
 
 def test_the_llava_vision_tower_starts_as_clips(micro):

@@ -156,11 +156,12 @@ PAPER_CSR = CSRConfig()
 #   lr, epochs, global_batch_size, lora_r / lora_alpha: a 128-wide, 3-layer decoder and a few hundred
 #     pairs need a larger step than a 7B model and 13k pairs to move at all (lr 1e-7 changes nothing);
 #     measured over 3 iterations, lr 2e-4 ended at CHAIR_s 19.5% / recall 74.5%, lr 1e-4 at 12.5% / 77.4%;
+#     micro batch 8: the global batch of 16 splits over 1 or 2 processes (torchrun --nproc_per_node 2);
 #   eval_images 200: the world's test split, as recipes/evaluate.py measures it.
 WORLD_CSR = dataclasses.replace(
     PAPER_CSR, out="runs/csr-world", world_preset="default", n_prompts=256, prompts_per_call=32,
     max_sentence_tokens=24, max_total_tokens=96, max_sentences=8,
-    lr=1e-4, epochs=2, global_batch_size=16, micro_batch_size=16, lora_r=16, lora_alpha=32.0, bf16=False,
+    lr=1e-4, epochs=2, global_batch_size=16, micro_batch_size=8, lora_r=16, lora_alpha=32.0, bf16=False,
     ref_batch_size=32, eval_images=200,
 )
 

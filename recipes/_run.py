@@ -42,15 +42,19 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} there, {new!r} now"]
 
 
-def open_run(out: str | Path, recipe: str, config: dict) -> Path:
-    """Create ``out`` or reopen it for a rerun. ``config`` is the JSON-ready resolved config.
+def open_run(out: str | Path, recipe: str, config: dict, models: dict | None = None) -> Path:
+    """Create ``out`` or reopen it for a rerun. ``config`` is the JSON-ready resolved config; ``models``
+    the model directories it resolved to (``{"policy": path, ...}``): on the built-in world their paths
+    carry the world models' cache key, so a run begun on other world models is not resumed with these.
 
-    A directory made by another recipe or another config raises ``ValueError`` naming the fields that
-    differ, before anything runs, and nothing in it is touched.
+    A directory made by another recipe, another config or other models raises ``ValueError`` naming the
+    fields that differ, before anything runs, and nothing in it is touched.
     """
     out = Path(out)
     path = out / "config.json"
     record = {"recipe": recipe, "config": config}
+    if models is not None:
+        record["models"] = {name: str(Path(value).resolve()) for name, value in models.items() if value is not None}
     if path.exists():
         old = json.loads(path.read_text())
         differences = _differences(old, record)

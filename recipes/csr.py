@@ -553,7 +553,7 @@ def main(argv=None) -> dict:
 
     # inputs, checked before anything is computed; the run directory (a different config is refused)
     inputs = resolve_inputs(config)
-    out = open_run(config.out, RECIPE, config_to_dict(config))
+    out = open_run(config.out, RECIPE, config_to_dict(config), models={"policy": inputs.model, "clip": inputs.clip})
     tokenizer = Tokenizer.from_file(inputs.model)
     clip = load_clip(inputs.clip, dtype=torch.float32, device=device).eval() if config.lam > 0 else None
     clip_tokenize = clip_text_tokenizer(inputs.clip, clip) if clip is not None else None

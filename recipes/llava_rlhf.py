@@ -1005,7 +1005,7 @@ def main(argv=None) -> dict:
 
     # 1. the SFT model, the data, the run directory (a mismatching config is refused before any work)
     sources = world_sources(config) if config.data is None else real_sources(config)
-    out = open_run(config.out, RECIPE, config_to_dict(config))
+    out = open_run(config.out, RECIPE, config_to_dict(config), models={"policy": sources.sft_dir})
     tokenizer = Tokenizer.from_file(sources.sft_dir)
     policy = load_lvlm(sources.sft_dir, dtype=torch.float32)
     baseline = evaluate_stage(policy, tokenizer, sources, out / "baseline", config, "baseline (SFT)")

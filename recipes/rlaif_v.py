@@ -606,7 +606,8 @@ def main(argv=None) -> dict:
         splitter_model = load_lvlm(config.splitter, dtype=_frozen_dtype(device), device=device).requires_grad_(False)
         splitter = text_generate_fn(splitter_model, Tokenizer.from_file(config.splitter),
                                     max_new_tokens=config.splitter_max_new_tokens)
-    out = open_run(config.out, RECIPE, config_to_dict(config))
+    out = open_run(config.out, RECIPE, config_to_dict(config),
+                   models={"policy": inputs.sft, "labeler": inputs.labeler, "splitter": config.splitter})
     sft_dir, load_image, eval_set = inputs.sft, inputs.load_image, inputs.eval_set
     instructions, count = inputs.instructions, config.instructions_per_iteration
     _print(f"rlaif_v: {len(instructions)} instructions, {config.iterations} iteration(s) of "

@@ -12,6 +12,14 @@ from recipes._run import collect, format_table, open_run, write_summary
 from tests.tiny_tokenizer import tiny_llava_config, tiny_tokenizer
 
 
+def test_open_run_refuses_a_directory_made_with_other_models(tmp_path):
+    config = {"lam": 0.9}
+    open_run(tmp_path / "run", "csr", config, models={"policy": tmp_path / "world-aaa" / "sft", "clip": None})
+    open_run(tmp_path / "run", "csr", config, models={"policy": tmp_path / "world-aaa" / "sft"})  # a rerun
+    with pytest.raises(ValueError, match="models.policy"):
+        open_run(tmp_path / "run", "csr", config, models={"policy": tmp_path / "world-bbb" / "sft"})
+
+
 def test_open_run_refuses_a_directory_of_another_config(tmp_path):
     open_run(tmp_path / "run", "csr", {"lam": 0.9, "iterations": 3})
     open_run(tmp_path / "run", "csr", {"lam": 0.9, "iterations": 3})  # same config: a rerun

@@ -31,9 +31,10 @@ The chain (``build_world_models``):
    Llama decoder (GQA), trained on conversations of a clean caption and clean questions (yes/no
    and short-answer; ``world_caption_records`` says why) in the vicuna_v1 template with
    assistant-only labels; the vision tower stays frozen as released. (Its patch features tell a
-   cell's shape only ~92% of the time to a linear probe, but training it with the decoder,
-   ``*_train_vision``, left the decoder blind after 900 steps: it learnt the text prior and answered
-   every yes/no question alike);
+   cell's shape only ~92% of the time to a linear probe. Training it with the decoder,
+   ``*_train_vision``, was tried once, on a tower from a CLIP trained with the sign term, and that
+   decoder was as blind as the frozen one on the same tower: it learnt the text prior and answered
+   every yes/no question alike. On the InfoNCE tower it has not been tried);
 4. the SFT model (stage 2, ``recipes/sft.py``): from 3, on conversations mixing a description
    that carries the language prior's noise (``lvlm.world.describe``), yes/no questions and a
    multiple-choice question;

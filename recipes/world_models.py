@@ -520,6 +520,7 @@ def clip_loss(model, batch: dict, *, sign_weight: float = 0.0, sign_scale: float
     B = logits.shape[0]
     target = torch.arange(B, device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :B].T, target))
+    core = model.module if hasattr(model, "module") else model  # under DDP
     owner = batch.get("negative_owner")
     negative_logits = None
     if owner is not None and owner.numel():
@@ -528,13 +529,13 @@ def clip_loss(model, batch: dict, *, sign_weight: float = 0.0, sign_scale: float
     if sign_weight > 0 and negative_logits is not None:
         rescale = 1.0
         if sign_scale is not None:  # logits = exp(logit_scale) * cos -> sign_scale * cos
-            rescale = sign_scale / (model.module if hasattr(model, "module") else model).logit_scale.exp().detach()
+            rescale = sign_scale / core.logit_scale.exp().detach()
         positive = F.binary_cross_entropy_with_logits(rescale * logits[target, target], torch.ones(B, device=logits.device))
         negative = F.binary_cross_entropy_with_logits(rescale * negative_logits, torch.zeros_like(negative_logits))
         loss = loss + sign_weight * (sign_positive_share * positive + (1 - sign_positive_share) * negative)
     with torch.no_grad():
         metrics = {"accuracy": (logits.argmax(-1) == target).float().mean(),
-                   "logit_scale": (model.module if hasattr(model, "module") else model).logit_scale.exp()}
+                   "logit_scale": core.logit_scale.exp()}
         if negative_logits is not None:
             metrics["negatives_below_0"] = (negative_logits < 0).float().mean()
     return loss, metrics
@@ -617,17 +618,10 @@ def absent_object_sentence(scene, rng) -> str:
 
 
 @torch.no_grad()
-def clip_present_over_absent(clip: CLIPModel, clip_raw_tokenizer, world: WorldConfig, n_images: int) -> float:
-    """Share of test images whose CLIP similarity to a sentence about a present object exceeds that to a
-    sentence about an absent one (``absent_object_sentence``): what CSR's image-relevance reward needs."""
-    return clip_present_and_absent(clip, clip_raw_tokenizer, world, n_images)["present_over_absent"]
-
-
-@torch.no_grad()
 def clip_present_and_absent(clip: CLIPModel, clip_raw_tokenizer, world: WorldConfig, n_images: int) -> dict:
     """CLIP on one sentence about a present object and one about an absent object
     (``absent_object_sentence``) per test image: how often the present one has the higher cosine
-    (``present_over_absent``), and how often CSR's clipped score ``max(100 cos, 0)`` is positive for the
+    (``present_over_absent``: what CSR's image-relevance reward needs), and how often CSR's clipped score ``max(100 cos, 0)`` is positive for the
     present sentence (``present_scored``) and zero for the absent one (``absent_zeroed``)."""
     wins, present_positive, absent_zero = [], [], []
     device = next(clip.parameters()).device
@@ -982,11 +976,12 @@ def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenize
     from recipes.evaluate import evaluate, world_eval_set
 
     n = c.eval_images
-    present_and_absent = clip_present_and_absent(reward_clip or clip, clip_raw, c.world, n)
-    report = {"clip_present_over_absent": clip_present_over_absent(clip, clip_raw, c.world, n),
-              "reward_clip_present_over_absent": present_and_absent["present_over_absent"],
-              "clip_present_scored": present_and_absent["present_scored"],
-              "clip_absent_zeroed": present_and_absent["absent_zeroed"],
+    first = clip_present_and_absent(clip, clip_raw, c.world, n)
+    reward = first if reward_clip is None else clip_present_and_absent(reward_clip, clip_raw, c.world, n)
+    report = {"clip_present_over_absent": first["present_over_absent"],
+              "reward_clip_present_over_absent": reward["present_over_absent"],
+              "reward_clip_present_scored": reward["present_scored"],
+              "reward_clip_absent_zeroed": reward["absent_zeroed"],
               "clip_present_over_swapped_shape": clip_present_over_swapped_shape(clip, clip_raw, c.world, n),
               "labeler_accuracy": labeler_accuracy(labeler, tokenizer, c.world, n)}
     report["sft"] = evaluate(sft, tokenizer, world_eval_set(c.world, n_images=n), verbose=False)
@@ -1012,10 +1007,11 @@ def print_report(report: dict, file=None) -> None:
         ok = wanted[0] <= value <= wanted[1] if op == "in" else value >= wanted
         want = f"{100 * wanted[0]:.0f}-{100 * wanted[1]:.0f}%" if op == "in" else f">= {100 * wanted:.0f}%"
         print(f"{name:<44}{100 * value:6.1f}%   {want:<10} {'ok' if ok else 'MISSED'}", file=file)
-    if "clip_absent_zeroed" in report:
+    if "reward_clip_absent_zeroed" in report:
         print(f"reward CLIP's score max(100 cos, 0): positive for the present sentence "
-              f"{100 * report['clip_present_scored']:.1f}%, zero for the absent one {100 * report['clip_absent_zeroed']:.1f}% "
-              f"(present above absent {100 * report.get('reward_clip_present_over_absent', 0):.1f}%)", file=file)
+              f"{100 * report['reward_clip_present_scored']:.1f}%, zero for the absent one "
+              f"{100 * report['reward_clip_absent_zeroed']:.1f}% (present above absent "
+              f"{100 * report['reward_clip_present_over_absent']:.1f}%)", file=file)
     if "clip_present_over_swapped_shape" in report:
         print(f"CLIP, the competing text differing only in shape: {100 * report['clip_present_over_swapped_shape']:.1f}%",
               file=file)

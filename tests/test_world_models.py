@@ -39,8 +39,8 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
     assert reward_clip.config == clip.config
     assert not torch.equal(reward_clip.text_projection.weight, clip.text_projection.weight)
     report = models.report()
-    for key in ("clip_present_over_absent", "reward_clip_present_over_absent", "clip_present_scored",
-                "clip_absent_zeroed"):
+    for key in ("clip_present_over_absent", "reward_clip_present_over_absent", "reward_clip_present_scored",
+                "reward_clip_absent_zeroed"):
         assert 0.0 <= report[key] <= 1.0, key
     assert set(report["sft"]) >= {"chair_s", "recall", "pope_acc", "mc_acc"}
     assert not (models.root / "train").exists()  # training checkpoints are not kept in the cache

@@ -247,18 +247,6 @@ def test_sft_mixture_has_the_set_share_of_question_only_conversations(share):
             assert len(record["turns"]) == 1 + c.sft_yes_no + c.sft_choice + c.sft_short_answers
         else:
             question_only += 1
-            assert len(yes_no) == len(record["turns"]) == c.qa_yes_no
+            assert len(yes_no) == len(record["turns"]) == c.sft_qa_yes_no
     assert question_only / len(records) == pytest.approx(share, abs=0.05)
 
-
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_stage_one_mixture_has_the_set_share_of_question_only_conversations(share):
-    from lvlm.world.text import DESCRIPTION_INSTRUCTIONS
-
-    c = dataclasses.replace(wm.WORLD_PRESETS["default"], align_steps=25, align_batch=32, align_qa_share=share)
-    records = wm.world_caption_records(c)
-    question_only = [r for r in records if not any(q in DESCRIPTION_INSTRUCTIONS for q, _ in r["turns"])]
-    for record in question_only:
-        assert [a for _, a in record["turns"] if a in ("Yes", "No")] == [a for _, a in record["turns"]]
-        assert len(record["turns"]) == c.qa_yes_no
-    assert len(question_only) / len(records) == pytest.approx(share, abs=0.05)

@@ -155,7 +155,8 @@ PAPER_CSR = CSRConfig()
 #     descriptions at most 5 sentences;
 #   lr, epochs, global_batch_size, lora_r / lora_alpha: a 128-wide, 3-layer decoder and a few hundred
 #     pairs need a larger step than a 7B model and 13k pairs to move at all (lr 1e-7 changes nothing);
-#     measured over 3 iterations, lr 2e-4 ended at CHAIR_s 19.5% / recall 74.5%, lr 1e-4 at 12.5% / 77.4%;
+#     measured over 3 iterations, lr 2e-4 ended at CHAIR_s 19.5% / recall 74.5%, lr 1e-4 at 12.5% / 77.4%
+#     on the previous world build; on the current one 23.0% / 76.8% and 25.0% / 76.2% (docs/CSR.md);
 #     micro batch 8: the global batch of 16 splits over 1 or 2 processes (torchrun --nproc_per_node 2);
 #   eval_images 200: the world's test split, as recipes/evaluate.py measures it.
 WORLD_CSR = dataclasses.replace(

@@ -163,7 +163,8 @@ class WorldModelsConfig:
     clip_colour_negatives: int = 0  # per pair, its text with the colour replaced by one the image lacks
     # The sign term of clip_loss (cos > 0 for true texts, < 0 for hard negatives). Off for the CLIP whose
     # image tower the LVLMs take: LVLMs built on a tower trained with it (weight 1, share 0.8, 1 colour
-    # negative, 700 steps) stayed blind (SFT POPE 49.6%, yes-ratio 98%). On for the reward CLIP below.
+    # negative, 700 steps) stayed blind (SFT POPE 49.6%, yes-ratio 98%; measured before ``sft_qa_share``,
+    # when the LVLMs on this CLIP's tower were blind to yes/no questions too). On for the reward CLIP below.
     clip_sign_weight: float = 0.0
     clip_sign_scale: float | None = None  # its logit is clip_sign_scale * cos (None: the learnt temperature)
     clip_sign_positive_share: float = 0.8  # the weight of its positives (the hard negatives get the rest)
@@ -184,7 +185,7 @@ class WorldModelsConfig:
     sft_batch: int = 32
     sft_lr: float = 1e-3
     sft_train_vision: bool = False
-    labeler_steps: int = 400
+    labeler_steps: int = 800
     labeler_batch: int = 32
     labeler_lr: float = 1e-3
     labeler_train_vision: bool = False

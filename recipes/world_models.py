@@ -557,6 +557,12 @@ def _record(seed: int, variant: int, turns: list) -> dict:
     return {"turns": turns, "image": seed, "where": f"world scene {seed} variant {variant}"}
 
 
+def _yes_no_record(scene, variant: int, question_variant: int, count: int) -> dict:
+    """A conversation of ``count`` clean yes/no questions about ``scene`` and nothing else."""
+    questions = yes_no_questions(scene, question_variant, count=count)
+    return _record(scene.seed, variant, [(q.question, q.answer) for q in questions])
+
+
 def world_caption_records(c: WorldModelsConfig) -> list[dict]:
     """Stage 1: per example a clean caption (the answer to a description request) and, in the same
     conversation, ``align_yes_no`` clean yes/no and ``align_short_answers`` short-answer questions,
@@ -602,8 +608,7 @@ def world_sft_records(c: WorldModelsConfig) -> list[dict]:
         seed, variant = _train_scene(c, k)
         scene = sample_scene(seed, c.world)
         if world_rng(seed, "sft-questions-only", variant).random() < c.sft_qa_share:
-            records.append(_record(seed, variant, [(q.question, q.answer) for q in
-                                                   yes_no_questions(scene, variant + 3000, count=c.sft_qa_yes_no)]))
+            records.append(_yes_no_record(scene, variant, variant + 3000, c.sft_qa_yes_no))
             continue
         turns = [(description_instruction(scene, variant), describe(scene, variant).text)]
         turns += [(q.question, q.answer) for q in yes_no_questions(scene, variant, count=c.sft_yes_no)]
@@ -621,8 +626,7 @@ def world_labeler_records(c: WorldModelsConfig) -> list[dict]:
     for k in range(c.labeler_steps * c.labeler_batch):
         seed, variant = _train_scene(c, k)
         scene = sample_scene(seed, c.world)
-        questions = yes_no_questions(scene, variant + 2000, count=c.labeler_questions)
-        records.append(_record(seed, variant, [(q.question, q.answer) for q in questions]))
+        records.append(_yes_no_record(scene, variant, variant + 2000, c.labeler_questions))
     return records
 
 
@@ -1001,7 +1005,8 @@ def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenize
 
     n = c.eval_images
     first = clip_present_and_absent(clip, clip_raw, c.world, n)
-    reward = first if reward_clip is None else clip_present_and_absent(reward_clip, clip_raw, c.world, n)
+    same = reward_clip is None or reward_clip is clip
+    reward = first if same else clip_present_and_absent(reward_clip, clip_raw, c.world, n)
     report = {"clip_present_over_absent": first["present_over_absent"],
               "reward_clip_present_over_absent": reward["present_over_absent"],
               "reward_clip_present_scored": reward["present_scored"],

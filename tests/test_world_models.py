@@ -40,7 +40,7 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
     assert not torch.equal(reward_clip.text_projection.weight, clip.text_projection.weight)
     report = models.report()
     for key in ("clip_present_over_absent", "reward_clip_present_over_absent", "reward_clip_present_scored",
-                "reward_clip_absent_zeroed"):
+                "reward_clip_absent_zeroed", "reward_clip_swapped_shape_zeroed", "clip_present_over_swapped_shape"):
         assert 0.0 <= report[key] <= 1.0, key
     assert set(report["sft"]) >= {"chair_s", "recall", "pope_acc", "mc_acc"}
     assert not (models.root / "train").exists()  # training checkpoints are not kept in the cache

@@ -155,6 +155,9 @@ def train_dpo(model, pairs: PreferencePairs, config: TrainConfig, *, beta: float
     adapters on the language model (vision tower and projector frozen, as CSR) and merge them at the end,
     so the result is a plain model in the Hugging Face layout again. Returns ``optim.train``'s result."""
     if lora is not None:
+        # The adapters' initial A comes from the global generator: seed it, or it would depend on whatever
+        # this process drew before (two runs of one CSR config trained different adapters).
+        torch.manual_seed(config.seed)
         apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
     else:
         for name, parameter in model.named_parameters():

@@ -97,3 +97,20 @@ def test_dpo_against_itself_is_log2_and_training_raises_the_margin(tmp_path):
                          micro_batch_size=2, warmup_ratio=0.0, log_every=1e9)
     train_dpo(model, pairs, config, beta=0.1, lora=None)
     assert margin() > before + 0.5
+
+
+def test_lora_dpo_does_not_depend_on_what_the_process_drew_before(tmp_path):
+    from recipes._dpo import LoraSettings
+
+    results = []
+    for run, draws in enumerate((0, 1000)):
+        tok, model, pairs = _tiny_setup()
+        add_reference_logps(model, pairs, batch_size=3)
+        torch.rand(draws)  # what a collection stage before the training may have drawn
+        config = TrainConfig(out_dir=str(tmp_path / f"dpo{run}"), lr=5e-3, max_steps=2, global_batch_size=4,
+                             micro_batch_size=2, warmup_ratio=0.0, log_every=1e9)
+        train_dpo(model, pairs, config, beta=0.1, lora=LoraSettings(r=4, alpha=8.0, dropout=0.05))
+        results.append(model.state_dict())
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=0, msg=key)

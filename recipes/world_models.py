@@ -1017,14 +1017,18 @@ def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenize
 
     n = c.eval_images
     first = clip_present_and_absent(clip, clip_raw, c.world, n)
-    same = reward_clip is None or reward_clip is clip
-    reward = first if same else clip_present_and_absent(reward_clip, clip_raw, c.world, n)
+    first_swapped = clip_swapped_shape(clip, clip_raw, c.world, n)
+    if reward_clip is None or reward_clip is clip:
+        reward, reward_swapped = first, first_swapped
+    else:
+        reward = clip_present_and_absent(reward_clip, clip_raw, c.world, n)
+        reward_swapped = clip_swapped_shape(reward_clip, clip_raw, c.world, n)
     report = {"clip_present_over_absent": first["present_over_absent"],
               "reward_clip_present_over_absent": reward["present_over_absent"],
               "reward_clip_present_scored": reward["present_scored"],
               "reward_clip_absent_zeroed": reward["absent_zeroed"],
-              "clip_present_over_swapped_shape": clip_swapped_shape(clip, clip_raw, c.world, n)["present_over_swapped"],
-              "reward_clip_swapped_shape_zeroed": clip_swapped_shape(reward_clip or clip, clip_raw, c.world, n)["swapped_zeroed"],
+              "clip_present_over_swapped_shape": first_swapped["present_over_swapped"],
+              "reward_clip_swapped_shape_zeroed": reward_swapped["swapped_zeroed"],
               "labeler_accuracy": labeler_accuracy(labeler, tokenizer, c.world, n)}
     report["sft"] = evaluate(sft, tokenizer, world_eval_set(c.world, n_images=n), verbose=False)
     return report

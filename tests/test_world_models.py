@@ -249,4 +249,3 @@ def test_sft_mixture_has_the_set_share_of_question_only_conversations(share):
             question_only += 1
             assert len(yes_no) == len(record["turns"]) == c.sft_qa_yes_no
     assert question_only / len(records) == pytest.approx(share, abs=0.05)
-

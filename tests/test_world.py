@@ -32,6 +32,7 @@ from lvlm.world import (
     split_seeds,
     synonym_file_text,
     world_rng,
+    yes_no_question,
     yes_no_questions,
 )
 from lvlm.world.text import SENTENCE_TEMPLATES, fill_template
@@ -303,6 +304,18 @@ def test_yes_no_answers_follow_the_ground_truth():
             answers.append(truth)
     assert kinds == {"existence", "attribute", "claim"}
     assert 0.4 < sum(answers) / len(answers) < 0.6
+
+
+def test_a_claim_false_by_place_names_a_present_object_in_its_colour_elsewhere():
+    for scene in scenes("validation", limit=100):
+        colour_of = {o.shape: o.colour for o in scene.objects}
+        cell_of = {o.shape: o.cell for o in scene.objects}
+        rng = world_rng(scene.seed, "test-false-by-place")
+        q = yes_no_question(scene, rng, kind="claim", truth=False, false_by="place")
+        colour, shape, cell = sentence_parts(q.question.removesuffix(" Please answer yes or no."))
+        assert q.answer == "No" and colour_of[shape] == colour and cell_of[shape] != cell
+    with pytest.raises(ValueError, match="cannot be false by 'place'"):
+        yes_no_question(scene, rng, kind="attribute", truth=False, false_by="place")
 
 
 @pytest.mark.parametrize("kind", ["random", "popular", "adversarial"])

@@ -43,6 +43,9 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
                 "reward_clip_absent_zeroed", "reward_clip_swapped_shape_zeroed", "clip_present_over_swapped_shape"):
         assert 0.0 <= report[key] <= 1.0, key
     assert set(report["sft"]) >= {"chair_s", "recall", "pope_acc", "mc_acc"}
+    by_kind = report["labeler_accuracy"]["by_kind"]
+    assert {"attribute/none", "claim/none", "claim/place"} <= set(by_kind)
+    assert all(0.0 <= v <= 1.0 for v in by_kind.values())
     assert not (models.root / "train").exists()  # training checkpoints are not kept in the cache
 
 
@@ -249,3 +252,28 @@ def test_sft_mixture_has_the_set_share_of_question_only_conversations(share):
             question_only += 1
             assert len(yes_no) == len(record["turns"]) == c.sft_qa_yes_no
     assert question_only / len(records) == pytest.approx(share, abs=0.05)
+
+
+def test_question_error_names_what_makes_a_question_false():
+    from lvlm.world import scenes, world_rng, yes_no_question
+    seen = set()
+    for scene in scenes("test", MICRO.world, limit=20):
+        rng = world_rng(scene.seed, "test-question-error")
+        for kind in ("attribute", "claim"):
+            for truth in (True, False, False, False, False):
+                q = yes_no_question(scene, rng, kind=kind, truth=truth)
+                error = wm.question_error(scene, q)
+                seen.add((kind, error))
+                objects = {(o.shape, o.colour, wm.PLACES[o.cell]) for o in scene.objects}
+                colours = {o.shape: o.colour for o in scene.objects}
+                if error == "none":
+                    assert q.answer == "Yes"
+                elif error == "absent":
+                    assert q.shape not in scene.shapes
+                elif error == "colour":
+                    assert colours[q.shape] != q.colour
+                else:
+                    assert kind == "claim" and colours[q.shape] == q.colour
+                    assert (q.shape, q.colour, q.place) not in objects
+    assert {("attribute", "colour"), ("claim", "place"), ("claim", "absent"), ("claim", "none")} <= seen
+    assert ("attribute", "place") not in seen  # an attribute question names no place

@@ -299,7 +299,7 @@ def _absent_shape(scene: Scene, rng) -> str:
 
 
 def yes_no_question(scene: Scene, rng, *, kind: str | None = None, truth: bool | None = None,
-                    suffix_rate: float = 0.5) -> YesNoQuestion:
+                    suffix_rate: float = 0.5, false_by: str | None = None) -> YesNoQuestion:
     """One yes/no question about the scene, its answer fixed by the ground truth.
 
     kind "existence": "Is there a {shape} in the image?" (the POPE form);
@@ -307,7 +307,8 @@ def yes_no_question(scene: Scene, rng, *, kind: str | None = None, truth: bool |
     description sentence (SENTENCE_TEMPLATES), with colour and place. A false question names
     an absent shape (a prior partner half of the time), or for attribute / claim questions a
     present shape in a wrong colour, or (claim) at a wrong place. With probability
-    suffix_rate, " Please answer yes or no." is appended (RLAIF-V's labeler prompt).
+    suffix_rate, " Please answer yes or no." is appended (RLAIF-V's labeler prompt). false_by
+    ("colour", "absent" or "place") fixes which of those a false attribute / claim question does.
     """
     config = scene.config
     kind = kind or rng.choice(("existence", "attribute", "claim"))
@@ -325,7 +326,10 @@ def yes_no_question(scene: Scene, rng, *, kind: str | None = None, truth: bool |
         shape, colour, cell = obj.shape, obj.colour, obj.cell
         if not truth:
             ways = ["colour"] + (["absent"] if has_absent else []) + (["place"] if kind == "claim" else [])
-            way = rng.choice(ways)
+            if false_by is not None and false_by not in ways:
+                raise ValueError(f"yes_no_question: a false {kind} question about scene {scene.seed} cannot be "
+                                 f"false by {false_by!r}; possible: {', '.join(ways)}")
+            way = false_by or rng.choice(ways)
             if way == "colour":
                 colour = rng.choice([c for c in config.colour_names if c != obj.colour])
             elif way == "place":

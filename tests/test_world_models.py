@@ -49,6 +49,20 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
     assert not (models.root / "train").exists()  # training checkpoints are not kept in the cache
 
 
+@pytest.mark.parametrize("from_clip", [True, False])
+def test_the_reward_clip_starts_from_the_first_clip_when_asked(tmp_path, from_clip):
+    """Adam moves a weight by about lr per step. The first CLIP trains long enough to move away from
+    the seed's init; the reward CLIP's few steps then leave it near where it started: the first CLIP
+    (``reward_clip_from_clip``), or the same fresh init the first CLIP started from."""
+    config = dataclasses.replace(MICRO, clip_steps=40, reward_clip_steps=2, reward_clip_from_clip=from_clip)
+    models = wm.ensure_world_models(config, cache_dir=tmp_path, verbose=False)
+    first = load_clip(models.clip).state_dict()
+    reward = load_clip(models.reward_clip).state_dict()
+    moved = max((reward[k].float() - first[k].float()).abs().max().item() for k in first)
+    near = 4 * config.reward_clip_steps * config.reward_clip_lr
+    assert (0 < moved <= near) if from_clip else moved > 2 * near
+
+
 def test_reward_clip_config_turns_on_the_sign_term_only():
     c = wm.WORLD_PRESETS["default"]
     r = wm.reward_clip_config(c)

@@ -475,8 +475,9 @@ def dpo_update(model, pairs: list[dict], tokenizer: Tokenizer, load_image: Calla
                                epochs=config.epochs, global_batch_size=batch,
                                micro_batch_size=config.micro_batch_size, weight_decay=config.weight_decay,
                                bf16=config.bf16, seed=config.seed, log_every=10.0)
+    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     result = train_dpo(model, dataset, train_config, beta=config.beta, loss_type=config.loss_type,
-                       w_sft=config.w_sft, lora=LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout))
+                       w_sft=config.w_sft, lora=lora)
     model.requires_grad_(False)
     model.eval()
     return {k: float(v) for k, v in result.metrics.items()}

@@ -639,6 +639,9 @@ def world_sft_records(c: WorldModelsConfig) -> list[dict]:
 def world_labeler_records(c: WorldModelsConfig) -> list[dict]:
     """The labeler's data: conversations of ``labeler_questions`` clean yes/no questions about one image,
     ``labeler_place_claims`` of them claims true or false by place, in a random order."""
+    if not 0 <= c.labeler_place_claims <= c.labeler_questions:
+        raise ValueError(f"labeler_place_claims must lie in [0, labeler_questions = {c.labeler_questions}], "
+                         f"got {c.labeler_place_claims}")
     records = []
     for k in range(c.labeler_steps * c.labeler_batch):
         seed, variant = _train_scene(c, k)

@@ -291,3 +291,20 @@ def test_question_error_names_what_makes_a_question_false():
                     assert (q.shape, q.colour, q.place) not in objects
     assert {("attribute", "colour"), ("claim", "place"), ("claim", "absent"), ("claim", "none")} <= seen
     assert ("attribute", "place") not in seen  # an attribute question names no place
+
+
+def test_labeler_place_claims_name_a_present_object_in_its_colour():
+    from lvlm.world import find_mentions
+    config = dataclasses.replace(MICRO, labeler_questions=4, labeler_place_claims=4, labeler_steps=5)
+    answers = []
+    for record in wm.world_labeler_records(config):
+        scene = sample_scene(record["image"], config.world)
+        colour_of = {o.shape: o.colour for o in scene.objects}
+        assert len(record["turns"]) == 4
+        for question, answer in record["turns"]:
+            (shape,) = find_mentions(question)
+            assert shape in colour_of and colour_of[shape] in question.split()  # true, or false by place only
+            answers.append(answer)
+    assert 0.3 < answers.count("Yes") / len(answers) < 0.7
+    with pytest.raises(ValueError, match="labeler_place_claims"):
+        wm.world_labeler_records(dataclasses.replace(config, labeler_place_claims=5))

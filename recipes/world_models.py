@@ -646,17 +646,15 @@ def world_labeler_records(c: WorldModelsConfig) -> list[dict]:
     for k in range(c.labeler_steps * c.labeler_batch):
         seed, variant = _train_scene(c, k)
         scene = sample_scene(seed, c.world)
-        if not c.labeler_place_claims:
-            records.append(_yes_no_record(scene, variant, variant + 2000, c.labeler_questions))
-            continue
         mixed = c.labeler_questions - c.labeler_place_claims
         turns = [(q.question, q.answer) for q in yes_no_questions(scene, variant + 2000, count=mixed)]
-        rng = world_rng(seed, "labeler-place-claims", variant)
-        for _ in range(c.labeler_place_claims):
-            truth = rng.random() < 0.5
-            q = yes_no_question(scene, rng, kind="claim", truth=truth, false_by=None if truth else "place")
-            turns.append((q.question, q.answer))
-        rng.shuffle(turns)
+        if c.labeler_place_claims:
+            rng = world_rng(seed, "labeler-place-claims", variant)
+            for _ in range(c.labeler_place_claims):
+                truth = rng.random() < 0.5
+                q = yes_no_question(scene, rng, kind="claim", truth=truth, false_by=None if truth else "place")
+                turns.append((q.question, q.answer))
+            rng.shuffle(turns)
         records.append(_record(seed, variant, turns))
     return records
 
@@ -746,6 +744,17 @@ def first_token_logits(model, tokenizer: Tokenizer, questions: list, pixel_value
     return torch.cat(out)
 
 
+def labeler_says_yes(model, tokenizer: Tokenizer, questions: list, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the labeler's answer to each question about its image, read as RLAIF-V reads it: "yes"
+    when P(yes) + P(Yes) > P(no) + P(No) for the first answer token (``rewards.labeler``)."""
+    from rewards.labeler import claim_accepted, yes_no_probabilities
+
+    yes_ids = [tokenizer.token_id("Yes"), tokenizer.token_id("yes")]
+    no_ids = [tokenizer.token_id("No"), tokenizer.token_id("no")]
+    logits = first_token_logits(model, tokenizer, questions, pixel_values)
+    return claim_accepted(*yes_no_probabilities(logits, yes_ids, no_ids))
+
+
 def labeler_accuracy(model, tokenizer: Tokenizer, world: WorldConfig, n_images: int) -> dict:
     """The labeler's yes/no accuracy on test images, read as RLAIF-V reads it: "yes" when
     P(yes) + P(Yes) > P(no) + P(No) for the first answer token (``rewards.labeler``).
@@ -756,7 +765,6 @@ def labeler_accuracy(model, tokenizer: Tokenizer, world: WorldConfig, n_images: 
     no." (true sentences -> "Yes", the made-up one -> "No"): the labeler's job in RLAIF-V.
     """
     from rewards.claims import claim_to_question, labeler_prompt
-    from rewards.labeler import claim_accepted, yes_no_probabilities
 
     kinds = {"questions": ([], [], []), "claims": ([], [], [])}
     for scene in scenes("test", world, limit=n_images):
@@ -770,12 +778,9 @@ def labeler_accuracy(model, tokenizer: Tokenizer, world: WorldConfig, n_images: 
             questions.append(labeler_prompt(claim_to_question(sentence)))
             truths.append(shape in scene.shapes)
             images.append(pixels)
-    yes_ids = [tokenizer.token_id("Yes"), tokenizer.token_id("yes")]
-    no_ids = [tokenizer.token_id("No"), tokenizer.token_id("no")]
     result, all_hits = {}, []
     for name, (questions, truths, images) in kinds.items():
-        logits = first_token_logits(model, tokenizer, questions, torch.stack(images))
-        said_yes = claim_accepted(*yes_no_probabilities(logits, yes_ids, no_ids))
+        said_yes = labeler_says_yes(model, tokenizer, questions, torch.stack(images))
         hits = (said_yes == torch.tensor(truths)).tolist()
         result[name] = sum(hits) / len(hits)
         all_hits += hits
@@ -801,8 +806,6 @@ def labeler_accuracy_by_kind(model, tokenizer: Tokenizer, world: WorldConfig, n_
     questions (``yes_no_question``): per test image one true and three false questions of each kind.
     Keys "attribute/none", "attribute/colour", "claim/place", ...: "claim/place" is how often it says
     "No" to a claim about a present object, its colour right and its place wrong."""
-    from rewards.labeler import claim_accepted, yes_no_probabilities
-
     questions, truths, keys, images = [], [], [], []
     for scene in scenes("test", world, limit=n_images):
         pixels = preprocess_image(scene.image(), size=world.canvas_size)
@@ -812,10 +815,7 @@ def labeler_accuracy_by_kind(model, tokenizer: Tokenizer, world: WorldConfig, n_
                 q = yes_no_question(scene, rng, kind=kind, truth=truth)
                 questions.append(q.question), truths.append(truth), images.append(pixels)
                 keys.append(f"{kind}/{question_error(scene, q)}")
-    yes_ids = [tokenizer.token_id("Yes"), tokenizer.token_id("yes")]
-    no_ids = [tokenizer.token_id("No"), tokenizer.token_id("no")]
-    logits = first_token_logits(model, tokenizer, questions, torch.stack(images))
-    said_yes = claim_accepted(*yes_no_probabilities(logits, yes_ids, no_ids)).tolist()
+    said_yes = labeler_says_yes(model, tokenizer, questions, torch.stack(images)).tolist()
     hits: dict = {}
     for key, said, truth in zip(keys, said_yes, truths):
         hits.setdefault(key, []).append(said == truth)

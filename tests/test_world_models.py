@@ -97,6 +97,13 @@ def test_cache_is_reused(micro, monkeypatch):
     assert wm.ensure_world_models(MICRO, cache_dir=cache) == models
 
 
+def test_build_trains_with_the_configured_threads(micro):
+    # the weights depend on the thread count, so the build fixes it (build_threads) and reports it
+    _, models = micro
+    assert models.report()["threads"] == MICRO.build_threads == 1
+    assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, build_threads=2))
+
+
 def test_cache_key_follows_the_config():
     assert wm.cache_key(MICRO) == wm.cache_key(dataclasses.replace(MICRO))
     assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, seed=1))

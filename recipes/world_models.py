@@ -101,7 +101,7 @@ from lvlm.world import (PLACES, WorldConfig, captions, describe, description_ins
 from lvlm.world.text import PLACE_PHRASES, SENTENCE_TEMPLATES, article, fill_template, object_sentence  # noqa: E402
 from lvlm.world.tokenizer import BOS_ID, IMAGE_ID, PAD_ID, make_world_tokenizer  # noqa: E402
 from lvlm.world.vocab import SHAPE_SYNONYMS  # noqa: E402
-from optim.distributed import barrier, is_main_process, setup_distributed  # noqa: E402
+from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig, train  # noqa: E402
 from recipes.sft import ConversationDataset, set_trainable, train_sft  # noqa: E402
 
@@ -974,8 +974,6 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
     from tokenizers import Tokenizer as RawTokenizer
 
     from recipes._common import set_cpu_threads
-
-    from optim.distributed import get_world_size
 
     fixed = threads if threads is not None else (c.build_threads if get_world_size() == 1 else None)
 

@@ -94,7 +94,7 @@ from lvlm.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, LlamaConfi
 from lvlm.image import preprocess_image  # noqa: E402
 from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
 from lvlm.records import write_json_atomic  # noqa: E402
-from lvlm.tokenizer import Tokenizer, encode_prompt, pad_batch  # noqa: E402
+from lvlm.tokenizer import Tokenizer, encode_conversation, encode_prompt, pad_batch  # noqa: E402
 from lvlm.world import (PLACES, WorldConfig, captions, describe, description_instruction,  # noqa: E402
                         hallucination_candidates, multiple_choice_question, sample_scene, scenes,
                         short_answer_question, split_seeds, world_rng, yes_no_question, yes_no_questions)
@@ -830,6 +830,46 @@ def labeler_accuracy_by_kind(model, tokenizer: Tokenizer, world: WorldConfig, n_
     return {key: sum(h) / len(h) for key, h in sorted(hits.items())}
 
 
+@torch.no_grad()
+def answer_scores(model, tokenizer: Tokenizer, question: str, answers, pixels: torch.Tensor) -> torch.Tensor:
+    """``[len(answers)]``: log P(answer + "</s>" | image, question) for each candidate answer, one
+    right-padded forward over all of them (``pixels`` [3, H, W])."""
+    per_image = model.config.image_tokens_per_image
+    encoded = [encode_conversation(tokenizer, [(question, answer)], num_images=1, image_tokens_per_image=per_image)
+               for answer in answers]
+    ids, _ = pad_batch([e["input_ids"].tolist() for e in encoded], tokenizer.pad_id)
+    mask, _ = pad_batch([e["assistant_mask"].tolist() for e in encoded], 0)
+    logp = model(ids, pixels[None].expand(len(answers), -1, -1, -1)).float().log_softmax(-1)
+    token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [A, T-1]: log P(token t+1)
+    return (token_logp * mask[:, 1:].float()).sum(1)
+
+
+def short_answer_accuracy(model, tokenizer: Tokenizer, world: WorldConfig, n_images: int) -> dict:
+    """How often the model's most likely short answer is right ("What colour is the triangle?" -> "red",
+    "What shape is at the top left?", "Where is the red circle?"), per kind, on one-object and on
+    several-object test images; the answer is the candidate (every colour, shape or place) with the
+    highest ``answer_scores``.
+
+    One object: the question can be answered without finding the object it names (there is one). Several:
+    it has to be found. "several/no binding" is the rate of a model that answers with the value of a
+    *random* object of the image -- what a decoder gets that knows which values the image holds but not
+    which object has which: ``mean(1 / objects)`` over the several-object images.
+    """
+    candidates = {"colour": world.colour_names, "shape": world.shapes, "place": PLACES}
+    hits: dict = {}
+    for scene in scenes("test", world, limit=n_images):
+        pixels = preprocess_image(scene.image(), size=world.canvas_size)
+        rng = world_rng(scene.seed, "short-answer-accuracy")
+        count = "one" if len(scene.objects) == 1 else "several"
+        for kind, answers in candidates.items():
+            q = short_answer_question(scene, rng, kind=kind)
+            best = answers[int(answer_scores(model, tokenizer, q.question, answers, pixels).argmax())]
+            hits.setdefault(f"{kind}/{count}", []).append(best == q.answer)
+        if count == "several":
+            hits.setdefault("several/no binding", []).append(1 / len(scene.objects))
+    return {key: sum(h) / len(h) for key, h in sorted(hits.items())}
+
+
 # ---------------------------------------------------------------------------------------------
 # the cache
 # ---------------------------------------------------------------------------------------------
@@ -1107,6 +1147,7 @@ def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenize
               "reward_clip_swapped_shape_zeroed": reward_swapped["swapped_zeroed"],
               "labeler_accuracy": labeler_accuracy(labeler, tokenizer, c.world, n)}
     report["sft"] = evaluate(sft, tokenizer, world_eval_set(c.world, n_images=n), verbose=False)
+    report["sft_short_answers"] = short_answer_accuracy(sft, tokenizer, c.world, n)
     return report
 
 
@@ -1147,6 +1188,9 @@ def print_report(report: dict, file=None) -> None:
         print("labeler accuracy by kind / what is false: " + ", ".join(
             f"{k} {100 * v:.1f}%" for k, v in accuracy["by_kind"].items()), file=file)
     print("SFT model: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["sft"].items()), file=file)
+    if "sft_short_answers" in report:
+        print("SFT model's short answers, by kind / objects in the image: " + ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in report["sft_short_answers"].items()), file=file)
     if "seconds" in report:
         print("build seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()), file=file)
     file.flush()

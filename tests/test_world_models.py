@@ -46,6 +46,7 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
     by_kind = report["labeler_accuracy"]["by_kind"]
     assert {"attribute/none", "claim/none", "claim/place"} <= set(by_kind)
     assert all(0.0 <= v <= 1.0 for v in by_kind.values())
+    assert {"place/one", "place/several", "colour/several", "several/no binding"} <= set(report["sft_short_answers"])
     assert not (models.root / "train").exists()  # training checkpoints are not kept in the cache
 
 
@@ -315,3 +316,70 @@ def test_labeler_place_claims_name_a_present_object_in_its_colour():
     assert 0.3 < answers.count("Yes") / len(answers) < 0.7
     with pytest.raises(ValueError, match="labeler_place_claims"):
         wm.world_labeler_records(dataclasses.replace(config, labeler_place_claims=5))
+
+
+def test_answer_scores_are_the_answer_tokens_log_probabilities(micro):
+    """Each candidate's score equals log P of its tokens (and "</s>") read one prefix at a time."""
+    _, models = micro
+    model, tokenizer = load_lvlm(models.sft).eval(), Tokenizer.from_file(models.tokenizer)
+    scene = sample_scene(2_000_003, MICRO.world)
+    pixels = wm.WorldPixels(MICRO.world)(scene.seed)
+    question, answers = "Where is the red circle?", ["top left", "centre"]
+    scores = wm.answer_scores(model, tokenizer, question, answers, pixels)
+    for answer, score in zip(answers, scores):
+        encoded = wm.encode_conversation(tokenizer, [(question, answer)], num_images=1,
+                                         image_tokens_per_image=model.config.image_tokens_per_image)
+        ids, mask = encoded["input_ids"], encoded["assistant_mask"]
+        expected = 0.0
+        for t in mask.nonzero()[:, 0].tolist():  # each answer token, from the logits of its prefix alone
+            with torch.no_grad():
+                logits = model(ids[None, :t], pixels[None])[0, -1]
+            expected += logits.float().log_softmax(-1)[ids[t]].item()
+        assert score.item() == pytest.approx(expected, abs=1e-4)
+    assert mask.sum() == len(tokenizer.encode("centre", add_bos=False)) + 1  # the answer and its "</s>"
+
+
+@pytest.mark.parametrize("oracle", ["right", "first"])
+def test_short_answer_accuracy_counts_by_kind_and_object_count(micro, monkeypatch, oracle):
+    """With scores that always favour the right answer every rate is 1; with scores that always favour the
+    first candidate, each rate is the share of questions whose answer is that candidate (recounted here)."""
+    from lvlm.world import PLACES, scenes, short_answer_question, world_rng
+
+    _, models = micro
+    asked = []
+
+    def fake_scores(model, tokenizer, question, answers, pixels):
+        asked.append((question, tuple(answers)))
+        scores = torch.zeros(len(answers))
+        scores[0] = 1.0
+        return scores
+
+    if oracle == "first":
+        monkeypatch.setattr(wm, "answer_scores", fake_scores)
+    else:
+        truths = []  # the right answers in the order they are asked (the same question can recur)
+        for scene in scenes("test", MICRO.world, limit=6):
+            rng = world_rng(scene.seed, "short-answer-accuracy")
+            truths += [short_answer_question(scene, rng, kind=kind).answer for kind in ("colour", "shape", "place")]
+        truths = iter(truths)
+
+        def oracle_scores(model, tokenizer, question, answers, pixels):
+            right = next(truths)
+            return torch.tensor([float(a == right) for a in answers])
+
+        monkeypatch.setattr(wm, "answer_scores", oracle_scores)
+    result = wm.short_answer_accuracy(None, None, MICRO.world, 6)
+    expected, no_binding = {}, []
+    for scene in scenes("test", MICRO.world, limit=6):
+        rng = world_rng(scene.seed, "short-answer-accuracy")
+        count = "one" if len(scene.objects) == 1 else "several"
+        for kind, first in (("colour", MICRO.world.colour_names[0]), ("shape", MICRO.world.shapes[0]), ("place", PLACES[0])):
+            q = short_answer_question(scene, rng, kind=kind)
+            expected.setdefault(f"{kind}/{count}", []).append(1.0 if oracle == "right" else float(q.answer == first))
+        if count == "several":
+            no_binding.append(1 / len(scene.objects))
+    assert {k: v for k, v in result.items() if k != "several/no binding"} == {
+        k: pytest.approx(sum(v) / len(v)) for k, v in expected.items()}
+    assert result["several/no binding"] == pytest.approx(sum(no_binding) / len(no_binding))
+    if oracle == "first":
+        assert len(asked) == 18 and {a for _, a in asked} == {MICRO.world.colour_names, MICRO.world.shapes, PLACES}

@@ -127,7 +127,11 @@ class ConversationDataset:
     ``lvlm.image.preprocess_image``; or load_pixels: reference -> the preprocessed tensor [3, H, W]
     (a cache of already preprocessed images). image_size: the vision tower's input side; image_tokens_per_image: positions per image
     (``LlavaConfig.image_tokens_per_image``). max_length: longer examples are cut to this many tokens
-    (LLaVA's ``model_max_length`` truncation); one whose image tokens would be cut raises.
+    (LLaVA's ``model_max_length`` truncation); one whose image tokens would be cut raises. loss_on:
+    which tokens ``assistant_mask`` marks for the loss -- "assistant" (the answers and their "</s>",
+    LLaVA's SFT) or "text" (every token after the image: the questions, the role words and the answers;
+    every token after "<s>" when there is no image), next-token prediction on the whole conversation as
+    a language model's pretraining has it.
 
     Building the dataset encodes every record once (``check=True``) so that a malformed record fails
     here, before any training; examples are encoded again, and images loaded, on access.
@@ -135,7 +139,10 @@ class ConversationDataset:
 
     def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, *, image_size: int, image_tokens_per_image: int,
                  load_image: Callable | None = None, load_pixels: Callable | None = None,
-                 max_length: int | None = None, check: bool = True):
+                 max_length: int | None = None, check: bool = True, loss_on: str = "assistant"):
+        if loss_on not in ("assistant", "text"):
+            raise ValueError(f"ConversationDataset: loss_on must be 'assistant' or 'text', got {loss_on!r}")
+        self.loss_on = loss_on
         self.records = list(records)
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -161,6 +168,11 @@ class ConversationDataset:
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{where}: {error}") from None
         ids, mask = encoded["input_ids"], encoded["assistant_mask"]
+        if self.loss_on == "text":
+            is_image = ids == self.tokenizer.image_token_id
+            after = int(is_image.nonzero()[-1]) + 1 if bool(is_image.any()) else 1
+            mask = torch.zeros_like(mask)
+            mask[after:] = True
         if self.max_length is not None and len(ids) > self.max_length:
             if num_images and self.tokenizer.image_token_id in ids[self.max_length:].tolist():
                 raise ValueError(f"{where}: {len(ids)} tokens; max_length={self.max_length} would cut the image "

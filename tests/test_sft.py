@@ -163,6 +163,26 @@ def test_conversation_dataset_encodes_answers_and_images(tiny_checkpoint, tmp_pa
     assert tokenizer.decode(text_only["input_ids"][text_only["assistant_mask"]].tolist()) == "Yes</s>"
 
 
+def test_conversation_dataset_loss_on_text_marks_every_token_after_the_image(tiny_checkpoint, tmp_path):
+    tokenizer = Tokenizer.from_file(tiny_checkpoint)
+    image_path = tmp_path / "scene.png"
+    sample_scene(3).image().save(image_path)
+    turns = [("Where is the red circle?", "top left"), ("What colour is the star?", "blue")]
+    records = [{"turns": turns, "image": str(image_path), "where": "r0"}, {"turns": turns, "image": None, "where": "r1"}]
+    kw = dict(image_size=64, image_tokens_per_image=64)
+    answers_only = sft.ConversationDataset(records, tokenizer, **kw)[0]
+    with_image, text_only = (sft.ConversationDataset(records, tokenizer, loss_on="text", **kw)[i] for i in (0, 1))
+    ids, mask = with_image["input_ids"], with_image["assistant_mask"]
+    last_image = int((ids == tokenizer.image_token_id).nonzero()[-1])
+    assert not mask[: last_image + 1].any() and mask[last_image + 1:].all()  # no system prompt, no image token
+    text = tokenizer.decode(ids[mask].tolist())
+    assert text.count("Where is the red circle?") == 1 and text.endswith("blue</s>") and "USER" in text
+    assert (mask >= answers_only["assistant_mask"]).all()  # the answers are still scored
+    assert text_only["assistant_mask"][1:].all() and not text_only["assistant_mask"][0]  # all but "<s>"
+    with pytest.raises(ValueError, match="loss_on"):
+        sft.ConversationDataset(records, tokenizer, loss_on="questions", **kw)
+
+
 def test_conversation_dataset_checks_records_up_front(tiny_checkpoint):
     tokenizer = Tokenizer.from_file(tiny_checkpoint)
     records = [{"turns": [("Q <image> <image>", "A")], "image": "x.png", "where": "data.json record 5"}]

@@ -25,11 +25,16 @@ The chain (``build_world_models``):
    whose image tower the LVLMs take (see the field's comment), on for the second one, 2b;
 2b. CSR's reward CLIP (``reward_clip_config``): the same CLIP fine-tuned further with the sign term
    (from step 1's weights), the ``--clip`` of ``recipes/csr.py`` on the world;
-3. the aligned LVLM (LLaVA-1.5 stage 1, Liu et al. 2023): CLIP's image tower copied into
+3a. grounding (stage 0, ``world_grounding_records``): CLIP's image tower copied into
    ``vision_tower.vision_model`` (features of layer -2, CLS dropped: a 48 px canvas in 16 px
    patches = 9 image tokens, one per cell of the world's 3 x 3 grid), a new projector and a new
-   Llama decoder (GQA), trained on conversations of a clean caption and clean questions (yes/no
-   and short-answer; ``world_caption_records`` says why and what it measured) in the vicuna_v1 template with
+   Llama decoder (GQA), trained on short-answer place questions with the loss on every text token,
+   questions included. LLaVA's decoder is a pretrained Vicuna; ours starts from nothing, and a new
+   decoder trained on answers alone never learns which object a question names (the field
+   ``ground_steps`` gives the measurements);
+3. the aligned LVLM (LLaVA-1.5 stage 1, Liu et al. 2023): the grounded model trained on
+   conversations of a clean caption and clean questions (yes/no and short-answer;
+   ``world_caption_records`` says why and what it measured) in the vicuna_v1 template with
    assistant-only labels; the vision tower stays frozen as released. (Its patch features tell a
    cell's shape only ~92% of the time to a linear probe. Training it with the decoder,
    ``*_train_vision``, was tried once, on a tower from a CLIP trained with the sign term, and that
@@ -60,7 +65,7 @@ responses that end instead (CSR, RLAIF-V, Fact-RLHF all see both kinds among the
 samples).
 
 The cache: ``$LVLM_CACHE`` (default ``~/.cache/lvlm_align``) / ``world-<key>`` / {``clip``,
-``reward_clip``, ``aligned``, ``sft``, ``labeler``} + ``tokenizer.json``, ``config.json``, ``report.json``. The key
+``reward_clip``, ``grounded``, ``aligned``, ``sft``, ``labeler``} + ``tokenizer.json``, ``config.json``, ``report.json``. The key
 hashes the whole config, the tokenizer file and ``FORMAT_VERSION``. A build happens in
 ``world-<key>.partial`` (training checkpoints included, so a killed build resumes where it
 stopped) and is renamed into place when complete: a directory named ``world-<key>`` is always
@@ -209,7 +214,7 @@ class WorldModelsConfig:
     align_batch: int = 32
     align_lr: float = 1e-3
     align_train_vision: bool = False
-    sft_steps: int = 300
+    sft_steps: int = 600
     sft_batch: int = 32
     sft_lr: float = 1e-3
     sft_train_vision: bool = False

@@ -632,20 +632,20 @@ def world_caption_records(c: WorldModelsConfig) -> list[dict]:
     conversation, ``align_yes_no`` clean yes/no and ``align_short_answers`` short-answer questions,
     the turns in a random order.
 
-    LLaVA's stage 1 has captions only: its decoder is a pretrained Vicuna that already answers
-    questions about text it reads. Ours starts from nothing, and a decoder that has only learnt
-    to caption takes many hundred steps to start answering "Is there a star in the image?" above
-    chance (a yes/no answer rewards looking up the named object only once the lookup works), so
-    clean questions are here from the start, with short answers ("What colour is the star?" ->
-    "red") whose answer *is* what the lookup finds. That is not enough on its own: beside the
-    caption in each conversation's mean loss the one-token answers get little of the gradient, and
-    after its 900 steps this model still gives P(yes) ~0.5 to every yes/no question (existence 54%,
-    attribute 54%, claim 63% right on 80 test images), though it captions well (SFT recall 84%).
-    Making half of the examples conversations of 6 yes/no questions only did not change that
-    (measured once: existence 50%, P(yes) 0.5 +- 0.002, and an SFT model from it as blind), so
-    stage 1 stays as it is, and the question-only conversations are in SFT (``sft_qa_share``),
-    where, from this model, the answers start to look at the image.
-    """
+    LLaVA's stage 1 has captions only: its decoder is a pretrained Vicuna that already answers questions
+    about text it reads. Ours starts from stage 0's decoder, which has learnt place questions only
+    (before stage 0 existed it started from nothing; the figures below are from then), and a decoder
+    that has only learnt to caption takes many hundred steps to start answering "Is there a star in the
+    image?" above chance (a yes/no answer rewards looking up the named object only once the lookup
+    works), so clean questions are here from the start, with short answers ("What colour is the star?"
+    -> "red") whose answer *is* what the lookup finds. That is not enough on its own: beside the caption
+    in each conversation's mean loss the one-token answers get little of the gradient, and after its 900
+    steps this model still gives P(yes) ~0.5 to every yes/no question (existence 54%, attribute 54%,
+    claim 63% right on 80 test images), though it captions well (SFT recall 84%). Making half of the
+    examples conversations of 6 yes/no questions only did not change that (measured once: existence 50%,
+    P(yes) 0.5 +- 0.002, and an SFT model from it as blind), so stage 1 stays as it is, and the
+    question-only conversations are in SFT (``sft_qa_share``), where, from this model, the answers start
+    to look at the image."""
     records = []
     for k in range(c.align_steps * c.align_batch):
         seed, variant = _train_scene(c, k)

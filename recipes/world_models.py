@@ -107,6 +107,7 @@ from lvlm.world.text import PLACE_PHRASES, SENTENCE_TEMPLATES, article, fill_tem
 from lvlm.world.tokenizer import BOS_ID, IMAGE_ID, PAD_ID, make_world_tokenizer  # noqa: E402
 from lvlm.world.vocab import SHAPE_SYNONYMS  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
+from optim.logprobs import sequence_logprobs  # noqa: E402
 from optim.train import TrainConfig, train  # noqa: E402
 from recipes.sft import ConversationDataset, set_trainable, train_sft  # noqa: E402
 
@@ -879,9 +880,8 @@ def answer_scores(model, tokenizer: Tokenizer, question: str, answers, pixels: t
                for answer in answers]
     ids, _ = pad_batch([e["input_ids"].tolist() for e in encoded], tokenizer.pad_id)
     mask, _ = pad_batch([e["assistant_mask"].tolist() for e in encoded], 0)
-    logp = model(ids, pixels[None].expand(len(answers), -1, -1, -1)).float().log_softmax(-1)
-    token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [A, T-1]: log P(token t+1)
-    return (token_logp * mask[:, 1:].float()).sum(1)
+    logits = model(ids, pixels[None].expand(len(answers), -1, -1, -1))  # [A, T, V]
+    return sequence_logprobs(logits[:, :-1], ids[:, 1:], mask[:, 1:].bool())
 
 
 def short_answer_accuracy(model, tokenizer: Tokenizer, world: WorldConfig, n_images: int) -> dict:

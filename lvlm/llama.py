@@ -59,8 +59,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, *,
+                     float32: bool = False) -> torch.Tensor:
+    """Causal scaled dot-product attention over whole sequences: q [B, H, T, Dh], k, v [B, Hkv, T, Dh].
+
+    ``float32``: under bfloat16 autocast, compute it in float32 instead (the output is float32). On CPU
+    that is faster at the world's sizes: PyTorch's CPU flash-attention backward takes about twice as
+    long in bfloat16 (T ~100-250, Dh 32; ``recipes/bench_world_step.py``).
+    """
+    if float32 and torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query heads (Ainslie et al. 2023) and RoPE."""
+    """Multi-head attention with grouped-query heads (Ainslie et al. 2023) and RoPE.
+
+    ``float32_attention`` (an attribute, default False): see ``causal_attention``.
+    """
 
     def __init__(self, c: LlamaConfig):
         super().__init__()
@@ -69,6 +86,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+        self.float32_attention = False
 
     def forward(self, x, cos, sin, *, cache: KVCache | None = None, layer: int = 0,
                 positions: torch.Tensor | None = None, attend_len: int | None = None):
@@ -79,7 +97,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv != self.n_heads
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = causal_attention(q, k, v, gqa, float32=self.float32_attention)
         else:
             cache.write(layer, k, v, positions)
             S = attend_len or cache.max_seq

@@ -78,9 +78,21 @@ class LlavaForConditionalGeneration(nn.Module):
 
     # -- the three entry points -------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, T, vocab]`` for whole right-padded sequences (causal, no cache)."""
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values))
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` for whole right-padded sequences (causal, no cache).
+
+        ``logits_at`` ([B, T] bool): only those positions' logits, ``[N, vocab]`` in row-major order --
+        a loss that scores a few tokens of each sequence skips the vocabulary projection (and its
+        backward) everywhere else.
+        """
+        if logits_at is None:
+            return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values))
+        if logits_at.shape != input_ids.shape or logits_at.dtype != torch.bool:
+            raise ValueError(f"logits_at must be a bool tensor of the input's shape {tuple(input_ids.shape)}, "
+                             f"got {logits_at.dtype} {tuple(logits_at.shape)}")
+        hidden = self.language_model.hidden_states(self.embed(input_ids, pixel_values))  # [B, T, D]
+        return self.language_model.lm_head(hidden[logits_at])  # [N, vocab]
 
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states ``[B, T, hidden]`` (a scalar head reads these: reward/value models)."""

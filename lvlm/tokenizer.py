@@ -241,14 +241,20 @@ class Tokenizer:
 # ----------------------------------------------------------------------------------------
 
 
-def _token_in_spans(start, end, spans):
-    """Whether the token covering characters [start, end) overlaps any span [s, e).
+def _answer_mask(offsets, spans):
+    """For each token (character offsets [start, end), in text order): whether it overlaps any answer
+    span [s, e) (sorted, disjoint). One sweep over both lists.
 
     A zero-width token counts as covering its start character. A space-prefixed token
     ("▁cat" covering " cat") overlaps the answer it begins, so it counts as an answer token.
     """
-    end = max(end, start + 1)
-    return any(start < span_end and end > span_start for span_start, span_end in spans)
+    mask, i = [], 0
+    for start, end in offsets:
+        end = max(end, start + 1)
+        while i < len(spans) and spans[i][1] <= start:  # spans that end before this token: passed
+            i += 1
+        mask.append(i < len(spans) and spans[i][0] < end)
+    return mask
 
 
 def encode_conversation(tokenizer, turns, *, num_images, image_tokens_per_image, max_length=None,
@@ -281,7 +287,7 @@ def encode_conversation(tokenizer, turns, *, num_images, image_tokens_per_image,
         )
 
     ids, offsets = tokenizer.encode_with_offsets(text, add_bos=add_bos)
-    mask = [_token_in_spans(start, end, spans) for start, end in offsets]
+    mask = _answer_mask(offsets, spans)
 
     if num_images > 0:
         image_id = tokenizer.image_token_id  # ValueError when the vocabulary lacks <image>

@@ -72,7 +72,8 @@ class TrainConfig:
     global_batch_size: int = 8  # examples per optimizer step, over all ranks
     micro_batch_size: int = 1  # examples per forward/backward on one rank
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping (the norm is still logged)
-    bf16: bool = True  # bfloat16 autocast on CUDA; float32 on CPU whatever this says
+    bf16: bool = True  # bfloat16 autocast on CUDA
+    cpu_bf16: bool = False  # bfloat16 autocast on CPU too: fast on CPUs with AVX512-BF16 or AMX, slow elsewhere
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
     keep_last: int = 2  # complete checkpoints to keep
@@ -454,8 +455,8 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, *, collate_fn
         f"{world} rank(s) x {accumulation} accumulation x {c.micro_batch_size} micro, "
         f"{n_trainable:,} trainable parameters, {'FSDP2' if use_fsdp else 'DDP' if world > 1 else 'one process'}"
         f" on {device}")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if c.bf16 and device.type == "cuda" \
-        else contextlib.nullcontext
+    use_bf16 = c.bf16 if device.type == "cuda" else c.cpu_bf16 if device.type == "cpu" else False
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     was_training = model.training
     wrapped.train()
 

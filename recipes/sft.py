@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,7 +47,7 @@ from lvlm.image import preprocess_image  # noqa: E402
 from lvlm.records import read_data_file  # noqa: E402
 from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_conversation, pad_batch  # noqa: E402
 from optim.distributed import is_main_process  # noqa: E402
-from optim.logprobs import sequence_logprobs  # noqa: E402
+from optim.logprobs import token_logprobs  # noqa: E402
 from optim.train import TrainConfig, TrainResult, train  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -68,12 +69,17 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     Returns (loss, metrics): ``tokens`` (assistant tokens scored) and ``token_accuracy`` (argmax hits).
     """
     ids, mask = batch["input_ids"], batch["assistant_mask"]
-    logits = model(ids, batch.get("pixel_values"))  # [B, T, V]
-    logits, labels, scored = logits[:, :-1], ids[:, 1:], mask[:, 1:]
-    mean_logp = sequence_logprobs(logits, labels, scored, average=True)  # [B], float32
+    labels, scored = ids[:, 1:], mask[:, 1:]  # [B, T - 1]: position t predicts token t + 1
+    predicts_scored = F.pad(scored, (0, 1), value=False)  # [B, T]: the positions whose next token is scored
+    logits = model(ids, batch.get("pixel_values"), logits_at=predicts_scored)  # [N, V], N = scored tokens
+    targets = labels[scored]  # [N]
+    token_logp = token_logprobs(logits[None], targets[None])[0]  # [N], float32
+    per_token = torch.zeros(scored.shape, dtype=token_logp.dtype, device=ids.device).masked_scatter(scored, token_logp)
+    n_per_row = scored.sum(1)  # [B]
+    mean_logp = per_token.sum(1) / n_per_row.clamp_min(1)  # [B]; 0 for a row with nothing scored
     with torch.no_grad():
-        hits = ((logits.argmax(-1) == labels) & scored).sum()
-        n_tokens = scored.sum()
+        hits = (logits.argmax(-1) == targets).sum()
+        n_tokens = n_per_row.sum()
     metrics = {"tokens": n_tokens, "token_accuracy": hits.float() / n_tokens.clamp_min(1)}
     return -mean_logp.mean(), metrics
 
@@ -134,12 +140,15 @@ class ConversationDataset:
     a language model's pretraining has it.
 
     Building the dataset encodes every record once (``check=True``) so that a malformed record fails
-    here, before any training; examples are encoded again, and images loaded, on access.
+    here, before any training; examples are encoded again, and images loaded, on access -- or, with
+    ``keep_encoded``, the check's encodings are kept (about 9 bytes a token: right for the world's
+    datasets of a few million tokens, not for LLaVA's 665k conversations).
     """
 
     def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, *, image_size: int, image_tokens_per_image: int,
                  load_image: Callable | None = None, load_pixels: Callable | None = None,
-                 max_length: int | None = None, check: bool = True, loss_on: str = "assistant"):
+                 max_length: int | None = None, check: bool = True, loss_on: str = "assistant",
+                 keep_encoded: bool = False):
         if loss_on not in ("assistant", "text"):
             raise ValueError(f"ConversationDataset: loss_on must be 'assistant' or 'text', got {loss_on!r}")
         self.loss_on = loss_on
@@ -152,9 +161,12 @@ class ConversationDataset:
         self.max_length = max_length
         if not self.records:
             raise ValueError("ConversationDataset: no records")
+        if keep_encoded and not check:
+            raise ValueError("ConversationDataset: keep_encoded keeps the check's encodings; it needs check=True")
+        self.encoded = None
         if check:
-            for record in self.records:
-                self._encode(record)
+            encoded = [self._encode(record) for record in self.records]
+            self.encoded = encoded if keep_encoded else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -184,7 +196,7 @@ class ConversationDataset:
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        example = self._encode(record)
+        example = dict(self.encoded[index]) if self.encoded is not None else self._encode(record)
         example["pixel_values"] = None
         if record.get("image") is not None:
             if self.load_pixels is not None:

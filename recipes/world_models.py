@@ -111,7 +111,7 @@ from optim.logprobs import sequence_logprobs  # noqa: E402
 from optim.train import TrainConfig, train  # noqa: E402
 from recipes.sft import ConversationDataset, set_trainable, train_sft  # noqa: E402
 
-FORMAT_VERSION = 2  # bump when the build changes in a way the config does not show
+FORMAT_VERSION = 4  # bump when the build changes in a way the config does not show
 CACHE_ENV = "LVLM_CACHE"
 
 # The CLIP text tower pools at its end-of-text token: ``lvlm.clip`` (like Hugging Face) takes the first
@@ -206,12 +206,17 @@ class WorldModelsConfig:
     # red" -> "circle" is the red object's shape: 82% after 800 steps against 21% with answer-only loss);
     # carrying the question's words to the answer comes later. Questions of all three kinds, at the same
     # 2,400 steps, taught none of them (place 49%, colour 44.5%, shape 55%; after 1,600: 48%, 52.5%, 55%).
-    ground_steps: int = 2400
+    # Those runs had 3 questions per conversation. What counts is steps more than questions: with 6, in
+    # bfloat16 on one thread, 800 steps 40.4% (at lr 2e-3: 50.3%), 1,000 85.4%, 1,200 98.0%; 9 questions
+    # and 600 steps 35.1%; 3 questions and 2,400 steps 90.7%. 1,200 x 6 costs 0.75x the tokens of 2,400 x 3.
+    ground_steps: int = 1200
     ground_batch: int = 32
     ground_lr: float = 1e-3
-    ground_questions: int = 3
+    ground_questions: int = 6
     ground_kinds: tuple = ("place",)
-    align_steps: int = 900
+    # From the grounded decoder (2,400 x 3 grounding steps), 900 steps here gave an SFT model with CHAIR_s
+    # 19.0%, recall 93.4%, POPE 81.3%; from 1,200 x 6, 300 steps: 26.5%, 83.6%, 81.2% (one build each).
+    align_steps: int = 300
     align_batch: int = 32
     align_lr: float = 1e-3
     align_train_vision: bool = False
@@ -221,11 +226,13 @@ class WorldModelsConfig:
     sft_batch: int = 32
     sft_lr: float = 1e-3
     sft_train_vision: bool = False
-    # Measured from the SFT model (test split): 400 steps 91.2%, 800 steps 93.2%; 800 steps at lr 2e-3
-    # 92.5%, at 5e-4 92.9%, with the vision tower trained too 93.4% (one run each, 1,344 s on one core
-    # against about 930 s). Its weak spot is claim questions (colour, shape and place at once): 82% right
-    # on 80 test images, against 94% for existence and attribute questions.
-    labeler_steps: int = 800
+    # On the chain before stage 0, from the SFT model (test split): 400 steps 91.2%, 800 steps 93.2%; 800 steps
+    # at lr 2e-3 92.5%, at 5e-4 92.9%, with the vision tower trained too 93.4% (one run each, 1,344 s on one
+    # core against about 930 s). Its weak spot is claim questions (colour, shape and place at once): 82% right
+    # on 80 test images, against 94% for existence and attribute questions. From the grounded chain's SFT
+    # models: 800 steps 97.4%, 500 steps 97.7% (another build: 95.5%); 400 steps, on a build with weaker CLIPs,
+    # 91.7%.
+    labeler_steps: int = 500
     labeler_batch: int = 32
     labeler_lr: float = 1e-3
     labeler_train_vision: bool = False
@@ -260,6 +267,16 @@ class WorldModelsConfig:
     # (``set_cpu_threads``), as before -- fastest, but the models then depend on the machine's load.
     # Under torchrun each rank picks from its free cores (the weights depend on the number of ranks anyway).
     build_threads: int | None = 2
+    # bfloat16 autocast in the LVLM stages' training (``TrainConfig.cpu_bf16``; weights and optimizer
+    # state stay float32). On this project's 2-core machine (AMD EPYC with AVX512-BF16) it takes a step
+    # 0.95x (SFT) to 0.90x (stage 0) of the float32 time (``recipes/bench_world_step.py``); on a CPU
+    # without bfloat16 instructions it is slower: set False there. Attention in float32 under it
+    # (``Attention.float32_attention``) would be faster still (0.71x / 0.65x), but the one build made
+    # with it missed two targets (SFT CHAIR_s 16.5%, POPE 71.4%, labeler 95.5%, against 26.5%, 81.2%
+    # and 97.7% for this setting) -- how much of that is the chain's spread is not known. The CLIPs
+    # train in float32: at their width (64) bfloat16 was slower (one core: 314 against 391 examples/s),
+    # and a build whose CLIPs trained in it (400 / 300 steps) gave SFT POPE 59.8%, labeler 91.7%.
+    lvlm_bf16: bool = True
     # measurements
     eval_images: int = 200
 
@@ -992,10 +1009,10 @@ def _log(verbose: bool, *parts) -> None:
 
 
 def _train_config(c: WorldModelsConfig, out_dir: Path, *, steps: int, batch: int, lr: float, verbose: bool,
-                  micro_batch: int | None = None) -> TrainConfig:
+                  micro_batch: int | None = None, bf16: bool = False) -> TrainConfig:
     return TrainConfig(out_dir=str(out_dir), lr=lr, max_steps=steps, global_batch_size=batch,
                        micro_batch_size=micro_batch or min(c.micro_batch, batch), warmup_ratio=c.warmup_ratio,
-                       weight_decay=0.0,
+                       weight_decay=0.0, cpu_bf16=bf16,
                        grad_clip=1.0, save_every=c.save_every, seed=c.seed,
                        log_every=15.0 if verbose else float("inf"))
 
@@ -1028,10 +1045,12 @@ def _lvlm_stage(c: WorldModelsConfig, name: str, start, records_fn, tokenizer: T
     model = start()
     dataset = ConversationDataset(records_fn(c), tokenizer, image_size=c.world.canvas_size,
                                   image_tokens_per_image=model.config.image_tokens_per_image,
-                                  load_pixels=pixels, max_length=c.lvlm_max_positions, loss_on=loss_on)
+                                  load_pixels=pixels, max_length=c.lvlm_max_positions, loss_on=loss_on,
+                                  keep_encoded=True)
     n = set_trainable(model, vision=train_vision, projector=True, language_model=True)
     _log(verbose, f"[{name}] {len(dataset)} conversations, {steps} steps x {batch}, {n:,} trainable parameters")
-    train_sft(model, dataset, _train_config(c, root / "train" / name, steps=steps, batch=batch, lr=lr, verbose=verbose))
+    train_sft(model, dataset, _train_config(c, root / "train" / name, steps=steps, batch=batch, lr=lr, verbose=verbose,
+                                            bf16=c.lvlm_bf16))
     model.requires_grad_(False)
     model.eval()
     _save(model, out, tokenizer_text, save_lvlm)

@@ -1,5 +1,6 @@
 """Cached decoding must reproduce the full forward: prefill + token-by-token decode vs. one pass."""
 
+import pytest
 import torch
 
 from lvlm.config import preset
@@ -83,3 +84,18 @@ def test_image_token_count_mismatch_is_a_clear_error():
         assert "image-token positions" in str(e) and "1 image(s)" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_logits_at_returns_the_full_forward_at_those_positions():
+    cfg, model = _tiny_model()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.tensor([_row(cfg, 3, 1, 5, g), _row(cfg, 4, 1, 4, g)])
+    size = cfg.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=g)
+    at = torch.rand(ids.shape, generator=g) < 0.3
+    with torch.no_grad():
+        full, picked = model(ids, pixels), model(ids, pixels, logits_at=at)
+    assert picked.shape == (int(at.sum()), cfg.text_config.vocab_size)
+    torch.testing.assert_close(picked, full[at], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_at"):
+        model(ids, pixels, logits_at=at.long())

@@ -22,8 +22,8 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(logits.clone())
 
-    def forward(self, input_ids, pixel_values=None):
-        return self.logits
+    def forward(self, input_ids, pixel_values=None, *, logits_at=None):
+        return self.logits if logits_at is None else self.logits[logits_at]
 
 
 def test_sft_loss_is_the_per_example_mean_of_assistant_token_nll():
@@ -55,6 +55,35 @@ def test_sft_loss_ignores_padding_and_prompt_tokens():
     loss, _ = sft.sft_loss(FixedLogits(logits), {"input_ids": ids, "assistant_mask": mask})
     expected = -(10.0 - math.log(math.exp(10.0) + 3))
     assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_sft_loss_on_a_real_model_matches_the_full_logits_computation():
+    """sft_loss asks the model for the scored positions' logits only (``logits_at``); the loss and its
+    gradient must equal those of the plain computation on the full [B, T, V] logits."""
+    from optim.logprobs import sequence_logprobs
+
+    config = lvlm_config(WORLD_PRESETS["micro"], vocab_size=48)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    init_llava_weights(model)
+    n_img = config.image_tokens_per_image
+    ids = torch.randint(5, 40, (3, n_img + 12))  # (the image token is 4)
+    ids[:, 1:1 + n_img] = config.image_token_index
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, -5:], mask[1, -2:], mask[2, n_img + 3:n_img + 6] = True, True, True
+    pixels = torch.randn(3, 3, config.vision_config.image_size, config.vision_config.image_size)
+    batch = {"input_ids": ids, "assistant_mask": mask, "pixel_values": pixels}
+
+    loss, metrics = sft.sft_loss(model, batch)
+    grad = torch.autograd.grad(loss, model.language_model.lm_head.weight)[0]
+    logits = model(ids, pixels)[:, :-1]  # [B, T - 1, V]
+    reference = -sequence_logprobs(logits, ids[:, 1:], mask[:, 1:], average=True).mean()
+    reference_grad = torch.autograd.grad(reference, model.language_model.lm_head.weight)[0]
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)
+    hits = ((logits.argmax(-1) == ids[:, 1:]) & mask[:, 1:]).sum()
+    assert metrics["tokens"].item() == 10
+    assert metrics["token_accuracy"].item() == pytest.approx(hits.item() / 10)
 
 
 def _example(ids, mask, n_images):
@@ -181,6 +210,26 @@ def test_conversation_dataset_loss_on_text_marks_every_token_after_the_image(tin
     assert text_only["assistant_mask"][1:].all() and not text_only["assistant_mask"][0]  # all but "<s>"
     with pytest.raises(ValueError, match="loss_on"):
         sft.ConversationDataset(records, tokenizer, loss_on="questions", **kw)
+
+
+def test_conversation_dataset_keep_encoded_gives_the_same_examples(tiny_checkpoint, tmp_path):
+    tokenizer = Tokenizer.from_file(tiny_checkpoint)
+    image_path = tmp_path / "scene.png"
+    sample_scene(3).image().save(image_path)
+    records = [{"turns": [("Describe the image.", "There is a red circle."), ("Is it red?", "Yes")],
+                "image": str(image_path), "where": "r0"},
+               {"turns": [("Is it true?", "No")], "image": None, "where": "r1"}]
+    kw = dict(image_size=64, image_tokens_per_image=64, loss_on="text")
+    plain, kept = sft.ConversationDataset(records, tokenizer, **kw), sft.ConversationDataset(
+        records, tokenizer, keep_encoded=True, **kw)
+    for i in range(2):
+        a, b = plain[i], kept[i]
+        assert a.keys() == b.keys()
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["assistant_mask"], b["assistant_mask"])
+        assert (a["pixel_values"] is None) == (b["pixel_values"] is None)
+    assert kept[0]["pixel_values"] is not None and "pixel_values" not in kept.encoded[0]  # images stay unkept
+    with pytest.raises(ValueError, match="keep_encoded"):
+        sft.ConversationDataset(records, tokenizer, keep_encoded=True, check=False, **kw)
 
 
 def test_conversation_dataset_checks_records_up_front(tiny_checkpoint):

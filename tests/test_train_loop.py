@@ -186,3 +186,19 @@ def test_two_processes_match_one_process(tmp_path):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
             assert a["tokens"] == b["tokens"]
+
+
+def test_cpu_bf16_autocasts_the_loss_on_cpu_only_when_asked(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        loss, metrics = sft_loss(model, batch)
+        assert loss.dtype == torch.float32  # the loss itself is float32 either way
+        return loss, metrics
+
+    for flag in (False, True):
+        config = TrainConfig(out_dir=str(tmp_path / str(flag)), lr=1e-3, max_steps=2, global_batch_size=2,
+                             micro_batch_size=2, log_every=1e9, cpu_bf16=flag)
+        train(make_model(lora=True), make_dataset(), loss_fn, config)
+    assert seen == [False, False, True, True]

@@ -99,3 +99,22 @@ def test_logits_at_returns_the_full_forward_at_those_positions():
     torch.testing.assert_close(picked, full[at], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="logits_at"):
         model(ids, pixels, logits_at=at.long())
+
+
+def test_causal_attention_float32_under_bfloat16_autocast():
+    """``float32=True`` under autocast: a float32 output equal to float32 attention on the same inputs;
+    without it, autocast's bfloat16 attention; outside autocast the flag changes nothing."""
+    import torch.nn.functional as F
+
+    from lvlm.llama import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 8, generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, 7, 8, generator=g).bfloat16() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        upcast, plain = causal_attention(q, k, v, True, float32=True), causal_attention(q, k, v, True)
+    assert upcast.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(upcast, reference, rtol=1e-5, atol=1e-6)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    assert torch.equal(causal_attention(qf, kf, vf, True, float32=True), causal_attention(qf, kf, vf, True))

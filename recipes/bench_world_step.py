@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
         ms = {name: 1000 * step_seconds(model, batches, bf16=bf16, fp32_attention=fp32)
               for name, (bf16, fp32) in variants.items()}
         ratios = [ms[name] / ms["float32"] for name in list(variants)[1:]]
-        print(f"{stage:<11}{mean_tokens:>11.0f}  " + "".join(f"{v:>19.1f} ms" for v in ms.values()) + "   " + " / ".join(f"{r:.2f}x" for r in ratios))
+        print(f"{stage:<11}{mean_tokens:>11.0f}  " + "".join(f"{v:>19.1f} ms" for v in ms.values())
+              + "   " + " / ".join(f"{r:.2f}x" for r in ratios))
         results[stage] = {"padded_tokens_per_row": round(mean_tokens, 1), **{k: round(v, 1) for k, v in ms.items()}}
     print(json.dumps(results))
     return results

@@ -164,9 +164,11 @@ class ConversationDataset:
         if keep_encoded and not check:
             raise ValueError("ConversationDataset: keep_encoded keeps the check's encodings; it needs check=True")
         self.encoded = None
-        if check:
-            encoded = [self._encode(record) for record in self.records]
-            self.encoded = encoded if keep_encoded else None
+        if keep_encoded:  # the check, kept
+            self.encoded = [self._encode(record) for record in self.records]
+        elif check:  # each encoding dropped at once: real data sets are too large to hold
+            for record in self.records:
+                self._encode(record)
 
     def __len__(self) -> int:
         return len(self.records)

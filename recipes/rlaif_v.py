@@ -84,9 +84,10 @@ from optim.train import TrainConfig  # noqa: E402
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
 from recipes._run import (collect, format_table, mark_done, model_done, open_run,  # noqa: E402
                           write_summary)
-from rewards.claims import (claim_to_question, claims_to_questions_with_model_batch, labeler_prompt,  # noqa: E402
-                            split_claims, split_claims_with_model_batch)
-from rewards.labeler import answer_token_id, label_questions, rejected_per_response, response_score  # noqa: E402
+from rewards.claims import (YES_NO_SUFFIX, claim_to_question, claims_to_questions_with_model_batch,  # noqa: E402
+                            labeler_prompt, split_claims, split_claims_with_model_batch, yes_no_answer)
+from rewards.labeler import (answer_token_id, claim_accepted, label_questions, rejected_per_response,  # noqa: E402
+                             response_score)
 from rewards.pairs import build_preference_pairs  # noqa: E402
 from search.engine import generate  # noqa: E402
 from search.sampling import best_of_n, implicit_reward_scorer  # noqa: E402
@@ -124,6 +125,7 @@ class RLAIFVConfig:
     iterations: int = 4
     instructions_per_iteration: int = 4000
     instruction_offset: int = 0  # world: the first training scene used
+    yes_no_share: float = 0.0  # world: share of yes/no questions among the instructions (``world_instructions``)
     # 2. sampling
     n_samples: int = 10
     temperature: float = 0.7
@@ -199,25 +201,36 @@ PRESETS = {"paper": PAPER_RLAIF_V, "world": WORLD_RLAIF_V, "micro": MICRO_RLAIF_
 # ---------------------------------------------------------------------------------------------
 
 
-def world_instructions(world, count: int, *, offset: int = 0, variant: int = 0) -> list[dict]:
-    """``count`` (image, description instruction) pairs on the world's training split, from scene ``offset``.
+def world_instructions(world, count: int, *, offset: int = 0, variant: int = 0,
+                       yes_no_share: float = 0.0) -> list[dict]:
+    """``count`` (image, instruction) pairs on the world's training split, from scene ``offset``.
 
     Each is a dict with the RLAIF-V instruction fields: ``idx`` (the scene seed), ``image`` (the seed:
-    images are rendered on demand), ``image_path`` (a readable name), ``question`` (one of the world's
-    description requests, chosen by seed and ``variant``), ``ds_name``, ``origin_dataset``, ``origin_split``.
-    The test split is never touched (it is the evaluation set).
+    images are rendered on demand), ``image_path`` (a readable name), ``question``, ``ds_name``,
+    ``origin_dataset``, ``origin_split``. The question is one of the world's description requests (chosen
+    by seed and ``variant``), or, for a share ``yes_no_share`` of the scenes (drawn by seed), a yes/no
+    question about an object's existence or colour, true half of the time (``lvlm.world.yes_no_question``),
+    standing in for the short-answer VQA part of RLAIF-V's instructions. The test split is never touched
+    (it is the evaluation set).
     """
-    from lvlm.world import description_instruction, sample_scene, split_seeds
+    from lvlm.world import description_instruction, sample_scene, split_seeds, world_rng, yes_no_question
 
     seeds = split_seeds("train", world)
     if offset < 0 or offset + count > len(seeds):
         raise ValueError(f"world_instructions: scenes {offset}..{offset + count} are outside the training split "
                          f"({len(seeds)} scenes); lower instructions_per_iteration x iterations or instruction_offset")
+    if not 0.0 <= yes_no_share <= 1.0:
+        raise ValueError(f"world_instructions: yes_no_share must be in [0, 1], got {yes_no_share}")
     out = []
     for seed in seeds[offset:offset + count]:
         scene = sample_scene(seed, world)
+        rng = world_rng(seed, "rlaif-v-instruction", variant)
+        if rng.random() < yes_no_share:
+            question = yes_no_question(scene, rng, kind=rng.choice(("existence", "attribute"))).question
+        else:
+            question = description_instruction(scene, variant)
         out.append({"idx": seed, "image": seed, "image_path": f"world-train/{seed}.png",
-                    "question": description_instruction(scene, variant), "ds_name": "RLAIF-V-world",
+                    "question": question, "ds_name": "RLAIF-V-world",
                     "origin_dataset": "world", "origin_split": "train"})
     return out
 
@@ -299,30 +312,49 @@ def text_generate_fn(model, tokenizer: Tokenizer, *, max_new_tokens: int):
     return generate_texts
 
 
-def divide_and_conquer(question: str, texts: list[str], splitter=None) -> tuple[list[list[str]], list[list[str]]]:
-    """RLAIF-V steps "divide" and the first half of "conquer": per response, its claims and their yes/no
-    questions (without the labeler suffix).
+def divide_and_conquer(question: str, texts: list[str], splitter=None
+                       ) -> tuple[list[list[str]], list[list[str]], list[list[bool]]]:
+    """RLAIF-V steps "divide" and the first half of "conquer": per response, its claims, their yes/no
+    questions (without the labeler suffix) and the labeler answer each claim needs (True: "yes").
 
-    splitter: None for the rule-based versions (``split_claims``, ``claim_to_question``: one question per
-    claim), or a ``prompts -> completions`` function for the model-based ones (the released pipeline's
-    form; the converter may return another number of questions than claims, and such responses are
-    later left out of the pairs).
+    A yes/no instruction answered with "yes" or "no" (``rewards.claims.yes_no_answer``) is one claim: the
+    response itself, asked as the instruction, holding when the labeler gives the same answer. Every other
+    response is divided by the rules (``split_claims``, ``claim_to_question``: one question per claim, each
+    holding on "yes") or, with ``splitter`` (a ``prompts -> completions`` function), by the model-based
+    versions (the released pipeline's form; the converter may return another number of questions than
+    claims, and such responses are later left out of the pairs).
     """
+    short = [yes_no_answer(question, t) for t in texts]
+    long = [k for k, answer in enumerate(short) if answer is None]
+    texts_long = [texts[k] for k in long]
     if splitter is None:
-        claims = [split_claims(t) for t in texts]
-        return claims, [[claim_to_question(c) for c in cl] for cl in claims]
-    claims = split_claims_with_model_batch(splitter, [question] * len(texts), texts)
-    return claims, claims_to_questions_with_model_batch(splitter, claims)
+        split = [split_claims(t) for t in texts_long]
+        asked = [[claim_to_question(c) for c in cl] for cl in split]
+    else:
+        split = split_claims_with_model_batch(splitter, [question] * len(texts_long), texts_long)
+        asked = claims_to_questions_with_model_batch(splitter, split)
+    claims, questions, expected = [], [], []
+    long_results = iter(zip(split, asked))
+    bare = question.strip().removesuffix(YES_NO_SUFFIX.strip()).rstrip()
+    for text, answer in zip(texts, short):
+        if answer is None:
+            cl, qs = next(long_results)
+            claims.append(cl), questions.append(qs), expected.append([True] * len(qs))
+        else:
+            claims.append([text]), questions.append([bare]), expected.append([answer])
+    return claims, questions, expected
 
 
 @torch.no_grad()
 def label_responses(labeler, labeler_tokenizer: Tokenizer, image, question_lists: list[list[str]], *,
-                    max_rows: int = 64) -> tuple[list[list[bool]], list[int]]:
+                    max_rows: int = 64, expected: list[list[bool]] | None = None) -> tuple[list[list[bool]], list[int]]:
     """RLAIF-V "conquer" + "combine" for the n responses of one image.
 
     All questions of all responses go through the labeler in one batched forward over the shared prompt
-    head (``label_questions``), each with " Please answer yes or no." appended. Returns, per response, the
-    labeler's verdicts (accepted = P(yes-ish) > P(no-ish)) and its score S = -(rejected claims).
+    head (``label_questions``), each with " Please answer yes or no." appended. expected: per question, the
+    answer its claim needs (``divide_and_conquer``; None: "yes" for all). Returns, per response, the
+    labeler's verdicts (accepted: P(yes-ish) > P(no-ish) for a claim that needs "yes", P(no-ish) >
+    P(yes-ish) for one that needs "no") and its score S = -(rejected claims).
     """
     flat = [labeler_prompt(q) for questions in question_lists for q in questions]
     owner = torch.tensor([r for r, questions in enumerate(question_lists) for _ in questions], dtype=torch.long)
@@ -330,9 +362,12 @@ def label_responses(labeler, labeler_tokenizer: Tokenizer, image, question_lists
         return [[] for _ in question_lists], [0] * len(question_lists)
     device = next(labeler.parameters()).device
     pixels = preprocess_image(image, size=labeler.config.vision_config.image_size)[None].to(device)
-    _, _, accepted = label_questions(labeler, labeler_tokenizer, pixels, flat, max_rows=max_rows,
-                                     image_tokens_per_image=labeler.config.image_tokens_per_image)
+    p_yes, p_no, accepted = label_questions(labeler, labeler_tokenizer, pixels, flat, max_rows=max_rows,
+                                            image_tokens_per_image=labeler.config.image_tokens_per_image)
     accepted = accepted.cpu()
+    if expected is not None:
+        needs_no = ~torch.tensor([e for es in expected for e in es], dtype=torch.bool)
+        accepted = torch.where(needs_no, claim_accepted(p_no, p_yes).cpu(), accepted)
     scores = response_score(rejected_per_response(accepted, owner, len(question_lists)))  # [n]
     verdicts, start = [], 0
     for questions in question_lists:
@@ -349,7 +384,7 @@ def collect_responses(policy, tokenizer: Tokenizer, labeler, labeler_tokenizer: 
     in the run's instruction list; sample j of it uses seed ``mix_seeds(seed, iteration, number, j)``, so a
     response does not depend on the batch or rank it was drawn in). One ``generate`` call: every prompt
     prefilled once and forked to n rows. Returns one record per item: its fields plus ``responses``, each
-    {text, score, n_claims, n_judged, claims, questions, accepted, n_tokens, finish_reason}.
+    {text, score, n_claims, n_judged, claims, questions, needs_yes, accepted, n_tokens, finish_reason}.
     """
     per_image = policy.config.image_tokens_per_image
     size = policy.config.vision_config.image_size
@@ -370,11 +405,14 @@ def collect_responses(policy, tokenizer: Tokenizer, labeler, labeler_tokenizer: 
         samples = generations[p * n:(p + 1) * n]
         texts = [tokenizer.decode([t for t in g.tokens if t not in stop], skip_special_tokens=True).strip()
                  for g in samples]
-        claims, questions = divide_and_conquer(item["question"], texts, splitter)
-        verdicts, scores = label_responses(labeler, labeler_tokenizer, image, questions, max_rows=config.labeler_rows)
+        claims, questions, expected = divide_and_conquer(item["question"], texts, splitter)
+        verdicts, scores = label_responses(labeler, labeler_tokenizer, image, questions, max_rows=config.labeler_rows,
+                                           expected=expected)
         responses = [{"text": text, "score": score, "n_claims": len(cl), "n_judged": len(v), "claims": cl,
-                      "questions": qs, "accepted": v, "n_tokens": len(g.tokens), "finish_reason": g.finish_reason}
-                     for text, score, cl, qs, v, g in zip(texts, scores, claims, questions, verdicts, samples)]
+                      "questions": qs, "needs_yes": e, "accepted": v, "n_tokens": len(g.tokens),
+                      "finish_reason": g.finish_reason}
+                     for text, score, cl, qs, e, v, g in zip(texts, scores, claims, questions, expected, verdicts,
+                                                             samples)]
         record = {k: v for k, v in item.items() if k != "number"}
         records.append(dict(record, responses=responses))
     return records
@@ -486,6 +524,8 @@ def resolve_config(argv=None) -> tuple[RLAIFVConfig, str]:
         parser.error("a real run needs --data (and --images) beside --model")
     if not real and (config.data is not None or config.labeler is not None or config.splitter is not None):
         parser.error("--data / --labeler / --splitter need --model (without it, the built-in world runs)")
+    if real and config.yes_no_share > 0:
+        parser.error("--yes_no_share makes world instructions; on a real run put the questions in --data")
     if config.reference not in ("iteration", "sft"):
         parser.error(f"--reference must be 'iteration' or 'sft', got {config.reference!r}")
     if config.out is None:
@@ -516,7 +556,7 @@ def resolve_inputs(config: RLAIFVConfig) -> Inputs:
             raise ValueError(f"--world_preset {config.world_preset!r}: known presets are {', '.join(WORLD_PRESETS)}")
         preset = WORLD_PRESETS[config.world_preset]
         instructions = world_instructions(preset.world, config.iterations * config.instructions_per_iteration,
-                                          offset=config.instruction_offset)
+                                          offset=config.instruction_offset, yes_no_share=config.yes_no_share)
         models = ensure_world_models(preset)
         return Inputs(sft=Path(models.sft), labeler=Path(models.labeler), instructions=instructions,
                       load_image=functools.partial(render_world_image, preset.world),

@@ -18,6 +18,7 @@ __all__ = [
     "split_claims",
     "claim_to_question",
     "labeler_prompt",
+    "yes_no_answer",
     "YES_NO_SUFFIX",
     "SPLIT_PROMPT",
     "QUESTION_PROMPT",
@@ -184,6 +185,33 @@ def claim_to_question(claim: str) -> str:
         return f"{verb.capitalize()} {_lower_first(subject)} {rest}?"  # can / does / will ...
 
     return f"Is it true that {_lower_first(text)}?"
+
+
+# The words a yes/no question starts with ("Is there a dog?", "Does the man wear a hat?").
+_YES_NO_OPENERS = _BE | set(_HAVE) | _AUXILIARIES | {"am"}
+
+
+def yes_no_answer(question: str, answer: str) -> bool | None:
+    """A short answer to a yes/no question, read as one claim: True for "yes", False for "no".
+
+    None when `question` is not a yes/no question (it must end with "?", or with "?" and
+    YES_NO_SUFFIX, and start with a form of be / have / do or a modal) or when the answer's
+    first word is neither "yes" nor "no" (then it is split into claims like any response).
+    RLAIF-V's instructions include short-answer VQA data (VQA v2, OKVQA, TextVQA; paper Sec.
+    4.1), and its model-based splitter turns "Is there a dog?" + "No." into the claim "There
+    is no dog."; by rule, the labeler is asked the question itself and the claim holds when
+    its answer is the same as the response's (`rewards.labeler.claim_accepted` on the flipped
+    probabilities for a "no").
+    """
+    text = question.strip()
+    if text.endswith(YES_NO_SUFFIX.strip()):
+        text = text[: -len(YES_NO_SUFFIX.strip())].rstrip()
+    words = text.split()
+    if not text.endswith("?") or not words or words[0].lower() not in _YES_NO_OPENERS:
+        return None
+    first = re.match(r"\s*([A-Za-z]+)", answer)
+    word = first.group(1).lower() if first else ""
+    return True if word == "yes" else False if word == "no" else None
 
 
 def labeler_prompt(question: str) -> str:

@@ -15,6 +15,7 @@ from rewards.claims import (
     split_claims_with_model,
     split_claims_with_model_batch,
     split_prompt,
+    yes_no_answer,
 )
 
 
@@ -66,6 +67,25 @@ def test_claim_to_question(claim, question):
 def test_claim_to_question_empty():
     with pytest.raises(ValueError, match="no words"):
         claim_to_question(" . ")
+
+
+@pytest.mark.parametrize(
+    "question, answer, expected",
+    [
+        ("Is there a red circle in the image?", "Yes.", True),
+        ("Is there a red circle in the image? Please answer yes or no.", "no", False),
+        ("Are there two boxes?", "No, there is one.", False),
+        ("Does the star have a blue colour?", " YES", True),
+        ("Can you see a cross?", "Yes", True),
+        ("Is there a cat?", "There is a cat.", None),  # not a short answer: split like a description
+        ("Is there a cat?", "Yesterday there was.", None),  # whole words only
+        ("Describe the image.", "Yes.", None),  # not a yes/no question
+        ("What colour is the star?", "No idea.", None),  # a question, but not yes/no
+        ("Is the star red", "Yes.", None),  # no question mark
+    ],
+)
+def test_yes_no_answer(question, answer, expected):
+    assert yes_no_answer(question, answer) is expected
 
 
 def test_labeler_prompt_exact_suffix():

@@ -24,9 +24,11 @@ PAIR_FIELDS = {"ds_name", "image", "image_path", "question", "chosen", "rejected
 METRICS = {"chair_s", "chair_i", "recall", "pope_acc", "pope_f1", "yes_ratio", "mc_acc"}
 
 
-def odd_words_rejected(labeler, tokenizer, image, question_lists, *, max_rows=64):
+def odd_words_rejected(labeler, tokenizer, image, question_lists, *, max_rows=64, expected=None):
     """A stand-in labeler: a question with an odd number of words is answered "no"."""
-    verdicts = [[len(q.split()) % 2 == 0 for q in questions] for questions in question_lists]
+    expected = expected or [[True] * len(questions) for questions in question_lists]
+    verdicts = [[(len(q.split()) % 2 == 0) == e for q, e in zip(questions, es)]
+                for questions, es in zip(question_lists, expected)]
     return verdicts, [-sum(not v for v in vs) for vs in verdicts]
 
 
@@ -236,6 +238,59 @@ def test_label_responses_scores_minus_rejected_claims(micro_models):
     assert scores == [-(2 - sum(accepted[:2])), 0, -(1 - sum(accepted[2:]))]
 
 
+def test_divide_and_conquer_reads_a_short_answer_as_one_claim():
+    """A yes/no instruction: "Yes"/"No" answers are one claim each, asked as the instruction (without the
+    labeler suffix) and needing the labeler's same answer; a longer answer is split by the rules."""
+    question = "Is there a red circle in the image? Please answer yes or no."
+    texts = ["Yes.", "No, there is not.", "There is a red circle on the left. It is big."]
+    claims, questions, needs_yes = rlaif_v.divide_and_conquer(question, texts)
+    assert claims == [["Yes."], ["No, there is not."], ["There is a red circle on the left.", "It is big."]]
+    assert questions == [["Is there a red circle in the image?"], ["Is there a red circle in the image?"],
+                         ["Is there a red circle on the left?", "Is it big?"]]
+    assert needs_yes == [[True], [False], [True, True]]
+    # a description request is never read as a short answer, whatever its first word
+    assert rlaif_v.divide_and_conquer("Describe the image.", ["No circle is here."])[2] == [[True]]
+
+
+def test_label_responses_accepts_a_no_claim_when_the_labeler_says_no(micro_models):
+    """expected=False flips the verdict: accepted exactly when p_no > p_yes (ties still rejected)."""
+    from rewards.claims import labeler_prompt
+    from rewards.labeler import label_questions
+
+    labeler, tokenizer = load_lvlm(micro_models.labeler), Tokenizer.from_file(micro_models.labeler)
+    image = render_world_image(WORLD_PRESETS["micro"].world, 5)
+    questions = [["Is there a red circle?"], ["Is there a red circle?"], ["Is there a green cross?", "Is it big?"]]
+    expected = [[True], [False], [False, True]]
+    verdicts, scores = rlaif_v.label_responses(labeler, tokenizer, image, questions, expected=expected)
+    pixels = rlaif_v.preprocess_image(image, size=labeler.config.vision_config.image_size)[None]
+    p_yes, p_no, _ = label_questions(labeler, tokenizer, pixels, [labeler_prompt(q) for qs in questions for q in qs],
+                                     image_tokens_per_image=labeler.config.image_tokens_per_image)
+    says = [(bool(y > n), bool(n > y)) for y, n in zip(p_yes.tolist(), p_no.tolist())]
+    want = [says[0][0]], [says[1][1]], [says[2][1], says[3][0]]
+    assert verdicts == list(want)
+    assert scores == [-(len(w) - sum(w)) for w in want]
+
+
+def test_world_instructions_mix_in_yes_no_questions():
+    from lvlm.world.vocab import SHAPE_SYNONYMS
+    from rewards.claims import yes_no_answer
+
+    world = WORLD_PRESETS["micro"].world
+    plain = rlaif_v.world_instructions(world, 40)
+    mixed = rlaif_v.world_instructions(world, 40, yes_no_share=0.5)
+    assert plain == rlaif_v.world_instructions(world, 40, yes_no_share=0.0)  # the share 0 run is unchanged
+    assert all(yes_no_answer(p["question"], "yes") is None for p in plain)
+    asked = [m for m in mixed if yes_no_answer(m["question"], "yes") is not None]
+    assert 10 <= len(asked) <= 30  # about half, drawn by seed
+    words = {w for shape in world.shapes for w in (shape, *SHAPE_SYNONYMS[shape])}
+    for m in asked:  # each an existence or colour question about one of the world's shapes
+        assert m["question"].startswith("Is there") and any(f" {w} in the image?" in m["question"] for w in words)
+    assert [m["idx"] for m in mixed] == [p["idx"] for p in plain]
+    assert mixed == rlaif_v.world_instructions(world, 40, yes_no_share=0.5)  # deterministic
+    with pytest.raises(ValueError, match="yes_no_share"):
+        rlaif_v.world_instructions(world, 4, yes_no_share=1.5)
+
+
 def test_model_based_divide_and_conquer_reads_the_splitters_dash_lists(micro_models):
     from rewards.claims import QUESTION_PROMPT, SPLIT_PROMPT
 
@@ -249,8 +304,9 @@ def test_model_based_divide_and_conquer_reads_the_splitters_dash_lists(micro_mod
                 replies.append("### Questions:\n- Is the circle red?")  # one question short
         return replies
 
-    claims, questions = rlaif_v.divide_and_conquer("Describe.", ["A red circle and a blue star."], splitter)
+    claims, questions, needs_yes = rlaif_v.divide_and_conquer("Describe.", ["A red circle and a blue star."], splitter)
     assert claims == [["The circle is red.", "The star is blue."]] and questions == [["Is the circle red?"]]
+    assert needs_yes == [[True]]
 
     model, tokenizer = load_lvlm(micro_models.sft), Tokenizer.from_file(micro_models.sft)
     texts = rlaif_v.text_generate_fn(model, tokenizer, max_new_tokens=4)(["List the facts.", "Rewrite this."])

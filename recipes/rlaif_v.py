@@ -9,12 +9,16 @@
 
 The algorithm (paper Sec. 3, ANCHORS §2). Per iteration t = 1 .. T (4 in the paper):
 
-1. instructions: about 4k (image, detailed-description instruction) pairs, a fresh slice each iteration;
+1. instructions: about 4k (image, instruction) pairs, a fresh slice each iteration: detailed-description
+   requests and short-answer questions (the paper draws them from COCO, ShareGPT-4V, VQA v2, OKVQA, ...;
+   on the world, ``--yes_no_share`` of them are yes/no questions);
 2. sample n = 10 responses per instruction from the current policy (temperature 0.7, up to 512 new
    tokens), differing only in the random seed (``search.engine.generate``: one prefill per prompt,
    forked to n rows);
 3. divide: split every response into atomic claims (``rewards.claims.split_claims``; the released
-   code rewrites them with an 8B language model: ``--splitter DIR`` runs that model-based version);
+   code rewrites them with an 8B language model: ``--splitter DIR`` runs that model-based version); a
+   "yes" or "no" answer to a yes/no question is one claim, which holds when the labeler answers the
+   question the same way (``rewards.claims.yes_no_answer``);
 4. conquer: turn every claim into a yes/no question + " Please answer yes or no." and ask the
    labeler model, reading P(yes) + P(Yes) against P(no) + P(No) of the first answer token
    (``rewards.labeler.label_questions``: one batched forward per image over all questions of all n

@@ -88,8 +88,8 @@ from optim.train import TrainConfig  # noqa: E402
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
 from recipes._run import (collect, format_table, mark_done, model_done, open_run,  # noqa: E402
                           write_summary)
-from rewards.claims import (YES_NO_SUFFIX, claim_to_question, claims_to_questions_with_model_batch,  # noqa: E402
-                            labeler_prompt, split_claims, split_claims_with_model_batch, yes_no_answer)
+from rewards.claims import (claim_to_question, claims_to_questions_with_model_batch, labeler_prompt,  # noqa: E402
+                            split_claims, split_claims_with_model_batch, without_labeler_suffix, yes_no_answer)
 from rewards.labeler import (answer_token_id, claim_accepted, label_questions, rejected_per_response,  # noqa: E402
                              response_score)
 from rewards.pairs import build_preference_pairs  # noqa: E402
@@ -328,24 +328,22 @@ def divide_and_conquer(question: str, texts: list[str], splitter=None
     versions (the released pipeline's form; the converter may return another number of questions than
     claims, and such responses are later left out of the pairs).
     """
-    short = [yes_no_answer(question, t) for t in texts]
-    long = [k for k, answer in enumerate(short) if answer is None]
-    texts_long = [texts[k] for k in long]
+    answers = [yes_no_answer(question, t) for t in texts]  # None: not a short answer
+    long_texts = [t for t, answer in zip(texts, answers) if answer is None]
     if splitter is None:
-        split = [split_claims(t) for t in texts_long]
+        split = [split_claims(t) for t in long_texts]
         asked = [[claim_to_question(c) for c in cl] for cl in split]
     else:
-        split = split_claims_with_model_batch(splitter, [question] * len(texts_long), texts_long)
+        split = split_claims_with_model_batch(splitter, [question] * len(long_texts), long_texts)
         asked = claims_to_questions_with_model_batch(splitter, split)
+    divided = iter(zip(split, asked))
+    instruction = without_labeler_suffix(question)
     claims, questions, expected = [], [], []
-    long_results = iter(zip(split, asked))
-    bare = question.strip().removesuffix(YES_NO_SUFFIX.strip()).rstrip()
-    for text, answer in zip(texts, short):
-        if answer is None:
-            cl, qs = next(long_results)
-            claims.append(cl), questions.append(qs), expected.append([True] * len(qs))
-        else:
-            claims.append([text]), questions.append([bare]), expected.append([answer])
+    for text, answer in zip(texts, answers):
+        cl, qs = next(divided) if answer is None else ([text], [instruction])
+        claims.append(cl)
+        questions.append(qs)
+        expected.append([True] * len(qs) if answer is None else [answer])
     return claims, questions, expected
 
 
@@ -366,12 +364,11 @@ def label_responses(labeler, labeler_tokenizer: Tokenizer, image, question_lists
         return [[] for _ in question_lists], [0] * len(question_lists)
     device = next(labeler.parameters()).device
     pixels = preprocess_image(image, size=labeler.config.vision_config.image_size)[None].to(device)
-    p_yes, p_no, accepted = label_questions(labeler, labeler_tokenizer, pixels, flat, max_rows=max_rows,
-                                            image_tokens_per_image=labeler.config.image_tokens_per_image)
-    accepted = accepted.cpu()
-    if expected is not None:
-        needs_no = ~torch.tensor([e for es in expected for e in es], dtype=torch.bool)
-        accepted = torch.where(needs_no, claim_accepted(p_no, p_yes).cpu(), accepted)
+    p_yes, p_no, _ = label_questions(labeler, labeler_tokenizer, pixels, flat, max_rows=max_rows,
+                                     image_tokens_per_image=labeler.config.image_tokens_per_image)
+    needs_yes = [e for es in expected for e in es] if expected is not None else [True] * len(flat)
+    needs_yes = torch.tensor(needs_yes, dtype=torch.bool, device=p_yes.device)
+    accepted = torch.where(needs_yes, claim_accepted(p_yes, p_no), claim_accepted(p_no, p_yes)).cpu()  # one copy
     scores = response_score(rejected_per_response(accepted, owner, len(question_lists)))  # [n]
     verdicts, start = [], 0
     for questions in question_lists:

@@ -269,7 +269,7 @@ class WorldModelsConfig:
     # Under torchrun each rank picks from its free cores (the weights depend on the number of ranks anyway).
     build_threads: int | None = 2
     # bfloat16 autocast in the LVLM stages' training (``TrainConfig.cpu_bf16``; weights and optimizer
-    # state stay float32). On this project's 2-core machine (AMD EPYC with AVX512-BF16) it takes a step
+    # state stay float32). On a 2-core AMD EPYC (Zen 5, AVX512-BF16) it takes a step
     # 0.95x (SFT) to 0.90x (stage 0) of the float32 time (``recipes/bench_world_step.py``); on a CPU
     # without bfloat16 instructions it is slower: set False there. Attention in float32 under it
     # (``Attention.float32_attention``) would be faster still (0.71x / 0.65x), but the one build made

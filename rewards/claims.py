@@ -19,6 +19,7 @@ __all__ = [
     "claim_to_question",
     "labeler_prompt",
     "yes_no_answer",
+    "without_labeler_suffix",
     "YES_NO_SUFFIX",
     "SPLIT_PROMPT",
     "QUESTION_PROMPT",
@@ -203,15 +204,18 @@ def yes_no_answer(question: str, answer: str) -> bool | None:
     its answer is the same as the response's (`rewards.labeler.claim_accepted` on the flipped
     probabilities for a "no").
     """
-    text = question.strip()
-    if text.endswith(YES_NO_SUFFIX.strip()):
-        text = text[: -len(YES_NO_SUFFIX.strip())].rstrip()
+    text = without_labeler_suffix(question)
     words = text.split()
     if not text.endswith("?") or not words or words[0].lower() not in _YES_NO_OPENERS:
         return None
     first = re.match(r"\s*([A-Za-z]+)", answer)
     word = first.group(1).lower() if first else ""
     return True if word == "yes" else False if word == "no" else None
+
+
+def without_labeler_suffix(question: str) -> str:
+    """The question stripped, and without a trailing YES_NO_SUFFIX (the inverse of `labeler_prompt`)."""
+    return question.strip().removesuffix(YES_NO_SUFFIX.strip()).rstrip()
 
 
 def labeler_prompt(question: str) -> str:

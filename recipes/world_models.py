@@ -97,6 +97,7 @@ from lvlm.checkpoint import load_clip, load_lvlm, save_clip, save_lvlm  # noqa: 
 from lvlm.clip import CLIPModel  # noqa: E402
 from lvlm.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: E402
 from lvlm.image import preprocess_image  # noqa: E402
+from lvlm.llama import Attention  # noqa: E402
 from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
 from lvlm.records import write_json_atomic  # noqa: E402
 from lvlm.tokenizer import Tokenizer, encode_conversation, encode_prompt, pad_batch  # noqa: E402
@@ -138,7 +139,15 @@ class WorldModelsConfig:
     # A 48 px canvas cut into 16 px patches: one patch per cell of the 3 x 3 grid, so each of the 9
     # image tokens shows one place, empty or holding one object. (64 px / 8 px patches, 64 tokens,
     # made every LVLM step ~5x slower and CLIP learnt shapes far more slowly.)
-    world: WorldConfig = field(default_factory=lambda: WorldConfig(canvas_size=48, noise_share=0.8))
+    # One phrasing per SFT description (``description_templates``): after the last true sentence of an
+    # image whose prior partner is absent, the data continue with probability noise_share and stop with
+    # 1 - noise_share. With a phrasing drawn per sentence the continuation's first token is split over
+    # seven phrasings, so greedy decoding weighed P("The") ~ 2/7 x 0.8 against P(</s>) 0.2: the SFT
+    # model's median there was 0.20 against 0.28 (94 such test images of the Intel build), a knife-edge
+    # that made CHAIR_s move with the machine (15.0% on the Intel Xeon, 26.5% on the AMD EPYC). With one
+    # phrasing, from the same stage-1 model: 0.67 against 0.25, CHAIR_s 27.0%, recall 86.6%.
+    world: WorldConfig = field(default_factory=lambda: WorldConfig(canvas_size=48, noise_share=0.8,
+                                                                   description_templates="per_description"))
     seed: int = 0
     patch_size: int = 16
     vision_hidden: int = 64
@@ -269,15 +278,21 @@ class WorldModelsConfig:
     # Under torchrun each rank picks from its free cores (the weights depend on the number of ranks anyway).
     build_threads: int | None = 2
     # bfloat16 autocast in the LVLM stages' training (``TrainConfig.cpu_bf16``; weights and optimizer
-    # state stay float32). On a 2-core AMD EPYC (Zen 5, AVX512-BF16) it takes a step
-    # 0.95x (SFT) to 0.90x (stage 0) of the float32 time (``recipes/bench_world_step.py``); on a CPU
-    # without bfloat16 instructions it is slower: set False there. Attention in float32 under it
-    # (``Attention.float32_attention``) would be faster still (0.71x / 0.65x), but the one build made
-    # with it missed two targets (SFT CHAIR_s 16.5%, POPE 71.4%, labeler 95.5%, against 26.5%, 81.2%
-    # and 97.7% for this setting) -- how much of that is the chain's spread is not known. The CLIPs
-    # train in float32: at their width (64) bfloat16 was slower (one core: 314 against 391 examples/s),
-    # and a build whose CLIPs trained in it (400 / 300 steps) gave SFT POPE 59.8%, labeler 91.7%.
+    # state stay float32). One optimizer step, batch 32, as a share of the float32 step
+    # (``recipes/bench_world_step.py``, 2 threads), stage 0 / SFT: on a 2-core AMD EPYC (Zen 5,
+    # AVX512-BF16) 0.90x / 0.95x; on a 2-core Intel Xeon (Sapphire Rapids, AMX) 1.41x / 1.13x, slower,
+    # because PyTorch's CPU flash-attention backward is slow in bfloat16 (T ~100-250, Dh 32: 101 ms
+    # against 32 ms in float32 per layer at T 179). On a CPU without bfloat16 instructions set it False.
+    # ``lvlm_float32_attention`` computes the attention in float32 under the autocast
+    # (``Attention.float32_attention``): 0.65x / 0.71x on the AMD EPYC, 0.78x / 0.85x on the Intel Xeon,
+    # and the whole default build there took 1,224 s instead of 1,641 s. It is off because both builds
+    # made with it missed a target on their yes/no answers: SFT POPE 61.3% (labeler 95.7%, CHAIR_s 33.0%)
+    # on the Intel Xeon, 71.4% (labeler 95.5%) on the AMD EPYC, against 76.6-81.2% in the five builds
+    # without it. The CLIPs train in float32: at their width (64) bfloat16 was slower (one core: 314
+    # against 391 examples/s), and a build whose CLIPs trained in it (400 / 300 steps) gave SFT POPE
+    # 59.8%, labeler 91.7%.
     lvlm_bf16: bool = True
+    lvlm_float32_attention: bool = False
     # measurements
     eval_images: int = 200
 
@@ -542,29 +557,46 @@ class ClipPairs:
     one-object version of the world: with one object the contrastive task is to tell its colour, shape
     and place, which teaches the image tower shapes several times faster than crowded scenes alone,
     where the colour often suffices; the other scenes teach it to keep several objects apart.
+
+    An example holds its texts as strings; ``collate`` tokenizes a whole batch's texts in one call
+    (``encode_batch``) and pads them with ``collate_clip``. The scenes are kept after their first use
+    (a stage sees each training scene about eight times).
     """
 
     def __init__(self, c: WorldModelsConfig, clip_raw_tokenizer, n: int, pixels: WorldPixels):
         self.c, self.tokenizer, self.n = c, clip_raw_tokenizer, n
         self.worlds = (c.world, single_object_world(c.world))
         self.pixels = (pixels, WorldPixels(self.worlds[1]))
+        self.scenes: dict = {}  # seed -> (single-object world?, scene)
 
     def __len__(self) -> int:
         return self.n
 
+    def scene(self, seed: int) -> tuple:
+        """(whether the scene comes from the one-object world, the scene) for a training seed."""
+        if seed not in self.scenes:
+            single = world_rng(seed, "clip-single-object").random() < self.c.clip_single_object_share
+            self.scenes[seed] = single, sample_scene(seed, self.worlds[single])
+        return self.scenes[seed]
+
     def __getitem__(self, k: int) -> dict:
         seed, variant = _train_scene(self.c, k)
-        single = world_rng(seed, "clip-single-object").random() < self.c.clip_single_object_share
-        text, negatives = clip_texts(sample_scene(seed, self.worlds[single]), variant, self.c.clip_hard_negatives,
-                                     self.c.clip_place_negatives, self.c.clip_colour_negatives)
-        return {"pixel_values": self.pixels[single](seed), "input_ids": torch.tensor(self.tokenizer.encode(text).ids),
-                "negative_ids": [torch.tensor(self.tokenizer.encode(t).ids) for t in negatives]}
+        single, scene = self.scene(seed)
+        text, negatives = clip_texts(scene, variant, self.c.clip_hard_negatives, self.c.clip_place_negatives,
+                                     self.c.clip_colour_negatives)
+        return {"pixel_values": self.pixels[single](seed), "text": text, "negatives": negatives}
+
+    def collate(self, examples: list) -> dict:
+        texts = [t for e in examples for t in [e["text"], *e["negatives"]]]
+        ids = iter(encoding.ids for encoding in self.tokenizer.encode_batch(texts))
+        return collate_clip([{"pixel_values": e["pixel_values"], "input_ids": next(ids),
+                              "negative_ids": [next(ids) for _ in e["negatives"]]} for e in examples])
 
 
 def collate_clip(examples: list, *, pad_id: int = CLIP_EOS_ID) -> dict:
     """Images [B, 3, H, W]; texts [B + N, T]: the B paired texts first, then every example's hard negatives,
     right-padded with the end token (pooling takes its first occurrence); ``negative_owner`` [N]: the
-    example (image) each negative was made from."""
+    example (image) each negative was made from. Token ids as lists or 1-D tensors."""
     negatives = [(i, t) for i, e in enumerate(examples) for t in e.get("negative_ids", [])]
     texts = [e["input_ids"] for e in examples] + [t for _, t in negatives]
     return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": pad_batch(texts, pad_id)[0],
@@ -1050,8 +1082,13 @@ def _lvlm_stage(c: WorldModelsConfig, name: str, start, records_fn, tokenizer: T
                                   keep_encoded=True)
     n = set_trainable(model, vision=train_vision, projector=True, language_model=True)
     _log(verbose, f"[{name}] {len(dataset)} conversations, {steps} steps x {batch}, {n:,} trainable parameters")
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in attention:
+        m.float32_attention = c.lvlm_float32_attention  # only acts under the bfloat16 autocast
     train_sft(model, dataset, _train_config(c, root / "train" / name, steps=steps, batch=batch, lr=lr, verbose=verbose,
                                             bf16=c.lvlm_bf16))
+    for m in attention:
+        m.float32_attention = False
     model.requires_grad_(False)
     model.eval()
     _save(model, out, tokenizer_text, save_lvlm)
@@ -1111,12 +1148,13 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
             init_clip_weights(model)
         _log(verbose, f"[{name}] {cc.clip_steps} steps x {cc.clip_batch} (+ {cc.clip_hard_negatives} hard negatives "
                       f"each, sign term x {cc.clip_sign_weight}), {sum(p.numel() for p in model.parameters()):,} parameters")
-        train(model, ClipPairs(cc, clip_raw, cc.clip_steps * cc.clip_batch, pixels),
+        pairs = ClipPairs(cc, clip_raw, cc.clip_steps * cc.clip_batch, pixels)
+        train(model, pairs,
               functools.partial(clip_loss, sign_weight=cc.clip_sign_weight, sign_scale=cc.clip_sign_scale,
                                 sign_positive_share=cc.clip_sign_positive_share),
               _train_config(cc, root / "train" / name, steps=cc.clip_steps, batch=cc.clip_batch, lr=cc.clip_lr,
                             verbose=verbose, micro_batch=cc.clip_batch),  # contrast the whole batch at once
-              collate_fn=collate_clip)
+              collate_fn=pairs.collate)
         model.requires_grad_(False)
         model.eval()
         _save(model, root / name, clip_tokenizer_text, save_clip)

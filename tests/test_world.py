@@ -278,6 +278,37 @@ def test_noise_share_extremes_and_reading_order():
         describe(clean_scene, noisy=True)
 
 
+
+def template_of(sentence):
+    """The index of the SENTENCE_TEMPLATES phrasing a world sentence is in (the one whose pattern matches)."""
+    place = "(" + "|".join(PLACE_PATTERNS) + ")"
+    fields = {"a": "(a|an)", "colour": COLOUR_WORD, "shape": SHAPE_WORD, "place": place}
+    matches = [i for i, (template, _) in enumerate(SENTENCE_TEMPLATES)
+               if re.fullmatch(re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**fields),
+                               sentence, flags=re.IGNORECASE)]
+    assert len(matches) == 1, (sentence, matches)
+    return matches[0]
+
+
+def test_per_description_templates_phrase_every_sentence_alike():
+    one = WorldConfig(noise_share=1.0, description_templates="per_description")
+    mixed_descriptions = used = 0
+    for seed in range(300):
+        scene = sample_scene(seed, one)
+        d = describe(scene, seed % 3)
+        templates = {template_of(s) for s in d.sentences}
+        assert len(templates) == 1, d.text  # the noise sentence too
+        used |= 1 << templates.pop()
+        several = sample_scene(seed)
+        if len(several.objects) > 1:
+            mixed_descriptions += len({template_of(s) for s in describe(several, 0).sentences}) > 1
+        assert describe(scene, 0, noisy=False).shapes == tuple(o.shape for o in scene.objects)
+    assert used == (1 << len(SENTENCE_TEMPLATES)) - 1  # every phrasing gets chosen
+    assert mixed_descriptions > 50  # per_sentence (the default) mixes them
+    with pytest.raises(ValueError, match="description_templates"):
+        WorldConfig(description_templates="per_word")
+
+
 # ---- questions ----------------------------------------------------------------------------
 
 

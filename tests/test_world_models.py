@@ -222,6 +222,24 @@ def test_collate_clip_records_which_image_each_negative_belongs_to():
     assert batch["negative_owner"].tolist() == [0, 0, 2]
 
 
+
+def test_clip_pairs_collate_tokenizes_a_batch_as_one_text_at_a_time():
+    c = dataclasses.replace(wm.WORLD_PRESETS["micro"], clip_colour_negatives=1)
+    raw = RawTokenizer.from_str(wm.clip_tokenizer_json(c))
+    pairs = wm.ClipPairs(c, raw, 24, wm.WorldPixels(c.world))
+    examples = [pairs[k] for k in range(0, 24, 3)]
+    assert any(e["negatives"] for e in examples)
+    batch = pairs.collate(examples)
+    one_by_one = wm.collate_clip([{"pixel_values": e["pixel_values"], "input_ids": torch.tensor(raw.encode(e["text"]).ids),
+                                   "negative_ids": [torch.tensor(raw.encode(t).ids) for t in e["negatives"]]}
+                                  for e in examples])
+    assert batch.keys() == one_by_one.keys()
+    for key in batch:
+        assert torch.equal(batch[key], one_by_one[key]), key
+    single, scene = pairs.scene(wm._train_scene(c, 0)[0])
+    assert pairs.scene(scene.seed)[1] is scene  # kept after the first use
+    assert (len(scene.objects) == 1) >= single
+
 def test_clip_colour_negatives_name_a_colour_the_image_lacks():
     scene = sample_scene(11)
     present = {(o.colour, o.shape) for o in scene.objects}

@@ -67,6 +67,9 @@ class WorldConfig:
         hallucination carried by machine-written instruction data. See text.describe.
     noise_position: "end" (the extra sentence follows the true ones) or "reading_order"
         (it goes where its made-up cell falls in reading order).
+    description_templates: "per_sentence" (each sentence of a description draws its own
+        SENTENCE_TEMPLATES phrasing) or "per_description" (one phrasing for all of them; see
+        text.describe). Captions always draw per sentence.
     n_train, n_validation, n_test: number of scenes per split.
     train_offset, validation_offset, test_offset: first seed of each split; the seed ranges
         [offset, offset + n) must be disjoint.
@@ -94,6 +97,7 @@ class WorldConfig:
     prior_strength: float = 0.6
     noise_share: float = 0.5
     noise_position: str = "end"
+    description_templates: str = "per_sentence"
     n_train: int = 20000
     n_validation: int = 1000
     n_test: int = 1000
@@ -148,6 +152,9 @@ class WorldConfig:
                 raise ValueError(f"{where}: {name} must be in [0, 1], got {value}")
         if self.noise_position not in ("end", "reading_order"):
             raise ValueError(f"{where}: noise_position must be 'end' or 'reading_order', got {self.noise_position!r}")
+        if self.description_templates not in ("per_sentence", "per_description"):
+            raise ValueError(f"{where}: description_templates must be 'per_sentence' or 'per_description', "
+                             f"got {self.description_templates!r}")
         ranges = sorted((getattr(self, f"{s}_offset"), getattr(self, f"n_{s}"), s) for s in SPLITS)
         for start, size, split in ranges:
             if start < 0 or size < 0:

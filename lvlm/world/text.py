@@ -119,9 +119,11 @@ def fill_template(template_index: int, colour: str, shape_word: str, place_phras
     return _capitalise(sentence.format(**fields)), _capitalise(question.format(**fields))
 
 
-def object_sentence(colour: str, shape: str, cell: int, rng) -> tuple:
-    """A random phrasing of "this object is at this cell": (sentence, its yes/no question)."""
-    template_index = rng.randrange(len(SENTENCE_TEMPLATES))
+def object_sentence(colour: str, shape: str, cell: int, rng, template_index: int | None = None) -> tuple:
+    """A random phrasing of "this object is at this cell": (sentence, its yes/no question).
+    ``template_index``: that SENTENCE_TEMPLATES entry instead of a random one."""
+    if template_index is None:
+        template_index = rng.randrange(len(SENTENCE_TEMPLATES))
     shape_word = _shape_surface(shape, rng)
     place_phrase = rng.choice(PLACE_PHRASES[PLACES[cell]])
     return fill_template(template_index, colour, shape_word, place_phrase)
@@ -157,9 +159,10 @@ def hallucination_candidates(scene: Scene) -> tuple:
     return tuple(sorted(partners - present))
 
 
-def _describe(scene: Scene, rng, noisy) -> Description:
+def _describe(scene: Scene, rng, noisy, one_template: bool = False) -> Description:
     config = scene.config
     noise_draw = rng.random()  # drawn always, so `noisy=` does not shift the phrasing stream
+    template = rng.randrange(len(SENTENCE_TEMPLATES)) if one_template else None
     candidates = hallucination_candidates(scene)
     empty_cells = [c for c in range(GRID * GRID) if c not in {o.cell for o in scene.objects}]
     free_colours = [c for c in config.colour_names if c not in {o.colour for o in scene.objects}]
@@ -171,12 +174,12 @@ def _describe(scene: Scene, rng, noisy) -> Description:
             f"describe: scene {scene.seed} cannot get a noise sentence: no present shape has an absent "
             f"partner, or there is no empty cell or unused colour (shapes {scene.shapes})"
         )
-    entries = [(o.cell, o.shape, object_sentence(o.colour, o.shape, o.cell, rng)[0]) for o in scene.objects]
+    entries = [(o.cell, o.shape, object_sentence(o.colour, o.shape, o.cell, rng, template)[0]) for o in scene.objects]
     hallucinated = ()
     if noisy:
         shape = rng.choice(candidates)
         cell = rng.choice(empty_cells)
-        sentence = object_sentence(rng.choice(free_colours), shape, cell, rng)[0]
+        sentence = object_sentence(rng.choice(free_colours), shape, cell, rng, template)[0]
         hallucinated = (shape,)
         if config.noise_position == "end":
             entries.append((GRID * GRID, shape, sentence))
@@ -201,7 +204,8 @@ def describe(scene: Scene, variant: int = 0, *, noisy: bool | None = None) -> De
     data); False: always clean; True: always one noise sentence (ValueError if the image is
     not eligible).
     """
-    return _describe(scene, world_rng(scene.seed, "describe", variant), noisy)
+    return _describe(scene, world_rng(scene.seed, "describe", variant), noisy,
+                     one_template=scene.config.description_templates == "per_description")
 
 
 def captions(scene: Scene, count: int = 5) -> list:

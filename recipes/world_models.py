@@ -1107,12 +1107,31 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
         torch.set_num_threads(caller_threads)
 
 
+def bf16_cost_note(config: WorldModelsConfig) -> str | None:
+    """A warning when the LVLM stages would train under bfloat16 autocast on a CPU without bfloat16
+    instructions (AVX512-BF16 or AMX), where it costs 2-3x a float32 step (docs/BENCHMARKS.md); else None."""
+    if not config.lvlm_bf16 or torch.cuda.is_available():
+        return None
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # an older PyTorch: do not guess
+        return None
+    if native:
+        return None
+    return ("note: this CPU has no bfloat16 instructions (AVX512-BF16 / AMX); the LVLM stages' bfloat16 "
+            "autocast (lvlm_bf16) costs 2-3x a float32 step here. --lvlm_bf16 false builds faster, "
+            "with a different cache key and different models.")
+
+
 def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None) -> WorldModels:
     from tokenizers import Tokenizer as RawTokenizer
 
     from recipes._common import set_cpu_threads
 
     fixed = threads if threads is not None else (c.build_threads if get_world_size() == 1 else None)
+    note = bf16_cost_note(c)
+    if note:
+        _log(verbose, note)
 
     def choose_threads():
         n = set_cpu_threads(fixed, verbose=False)

@@ -105,6 +105,20 @@ def test_build_trains_with_the_configured_threads(micro):
     assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, build_threads=2))
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, bf16, warned", [
+    (False, False, True, True), (True, False, True, False), (False, True, True, False), (False, False, False, False)])
+def test_bf16_cost_note_warns_only_for_bf16_autocast_without_bf16_instructions(
+        monkeypatch, avx512_bf16, amx, bf16, warned):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    config = dataclasses.replace(wm.WORLD_PRESETS["default"], lvlm_bf16=bf16)
+    note = wm.bf16_cost_note(config)
+    assert (note is not None) == warned
+    if warned:
+        assert "--lvlm_bf16 false" in note
+
+
 def test_cache_key_follows_the_config():
     assert wm.cache_key(MICRO) == wm.cache_key(dataclasses.replace(MICRO))
     assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, seed=1))

@@ -58,7 +58,8 @@ def length_penalty(response_tokens, max_response_tokens: int, *, coef: float = L
 _KINDS = ("general", "multiple_choice", "yes_no")
 
 
-def symbolic_reward(response: str, *, kind: str, truth: str | bool | None = None, coef: float = SYMBOLIC_COEF) -> float:
+def symbolic_reward(response: str, *, kind: str, truth: str | bool | None = None, coef: float = SYMBOLIC_COEF,
+                    reward_yes: bool = False) -> float:
     """coef * correct for questions with a known answer (LLaVA-RLHF's released rule).
 
     kind="general": 0 (no known answer).
@@ -70,6 +71,9 @@ def symbolic_reward(response: str, *, kind: str, truth: str | bool | None = None
       (`startswith`, as released: "Not really" counts as "No"); for truth "yes", 0 — the
       release gives no symbolic reward there. Both halves are multiplied by coef, so with
       the default coef 2 the yes/no reward is +1 / -1.
+    reward_yes=True (not in the release): truth "yes" is scored the mirror way, +0.5 for a
+      response starting with "Yes" and -0.5 for one starting with "No", so that the rule does
+      not only ever push towards "No".
     """
     if kind not in _KINDS:
         raise ValueError(f"symbolic_reward: kind must be one of {_KINDS}, got {kind!r}")
@@ -89,7 +93,9 @@ def symbolic_reward(response: str, *, kind: str, truth: str | bool | None = None
     else:
         raise ValueError(f"symbolic_reward: yes_no needs truth = 'yes' / 'no' or a bool, got {truth!r}")
     if truth_is_yes:
-        return 0.0
+        if not reward_yes:
+            return 0.0
+        return coef * (0.5 if text.startswith("Yes") else -0.5 if text.startswith("No") else 0.0)
     if text.startswith("No"):
         return coef * 0.5
     if text.startswith("Yes"):

@@ -32,6 +32,13 @@ def test_symbolic_yes_no():
     assert symbolic_reward("Maybe.", kind="yes_no", truth="no") == 0.0
     assert symbolic_reward("No", kind="yes_no", truth="no", coef=1.0) == 0.5
     assert symbolic_reward("Yes", kind="yes_no", truth="yes") == 0.0  # no reward for truth "yes"
+
+
+def test_symbolic_yes_no_with_reward_yes_mirrors_the_no_rule():
+    assert symbolic_reward("Yes, there is.", kind="yes_no", truth="yes", reward_yes=True) == 1.0
+    assert symbolic_reward("No.", kind="yes_no", truth=True, reward_yes=True) == -1.0
+    assert symbolic_reward("Maybe.", kind="yes_no", truth="yes", reward_yes=True) == 0.0
+    assert symbolic_reward("No.", kind="yes_no", truth="no", reward_yes=True) == 1.0  # the "no" half unchanged
     assert symbolic_reward("No", kind="yes_no", truth=True) == 0.0
     assert symbolic_reward("anything", kind="general") == 0.0
     with pytest.raises(ValueError, match="kind"):

@@ -15,6 +15,8 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +73,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: boo
         with torch.autocast(q.device.type, enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+@contextlib.contextmanager
+def attention_in_float32(model: nn.Module, enabled: bool = True):
+    """Within the block, every ``Attention`` of ``model`` computes in float32 under autocast
+    (``causal_attention(float32=True)``); afterwards, as by default, in the autocast dtype."""
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in attention:
+        m.float32_attention = enabled
+    try:
+        yield
+    finally:
+        for m in attention:
+            m.float32_attention = False
 
 
 class Attention(nn.Module):

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lvlm.llama import Attention  # noqa: E402
+from lvlm.llama import attention_in_float32  # noqa: E402
 from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
 from lvlm.tokenizer import Tokenizer  # noqa: E402
 from recipes import world_models as wm  # noqa: E402
@@ -46,10 +46,7 @@ def step_seconds(model, batches, *, bf16: bool, fp32_attention: bool) -> float:
     """Mean seconds of one optimizer step over ``batches`` (after two warm-up steps)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    attention = [m for m in model.modules() if isinstance(m, Attention)]
-    for m in attention:
-        m.float32_attention = fp32_attention
-    try:
+    with attention_in_float32(model, fp32_attention):
         for i, batch in enumerate(batches):
             if i == 2:
                 started = time.perf_counter()
@@ -58,9 +55,6 @@ def step_seconds(model, batches, *, bf16: bool, fp32_attention: bool) -> float:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    finally:
-        for m in attention:
-            m.float32_attention = False
     return (time.perf_counter() - started) / (len(batches) - 2)
 
 

@@ -97,7 +97,7 @@ from lvlm.checkpoint import load_clip, load_lvlm, save_clip, save_lvlm  # noqa: 
 from lvlm.clip import CLIPModel  # noqa: E402
 from lvlm.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: E402
 from lvlm.image import preprocess_image  # noqa: E402
-from lvlm.llama import Attention  # noqa: E402
+from lvlm.llama import attention_in_float32  # noqa: E402
 from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
 from lvlm.records import write_json_atomic  # noqa: E402
 from lvlm.tokenizer import Tokenizer, encode_conversation, encode_prompt, pad_batch  # noqa: E402
@@ -143,8 +143,8 @@ class WorldModelsConfig:
     # image whose prior partner is absent, the data continue with probability noise_share and stop with
     # 1 - noise_share. With a phrasing drawn per sentence the continuation's first token is split over
     # seven phrasings, so greedy decoding weighed P("The") ~ 2/7 x 0.8 against P(</s>) 0.2: the SFT
-    # model's median there was 0.20 against 0.28 (94 such test images of the Intel build), a knife-edge
-    # that made CHAIR_s move with the machine (15.0% on the Intel Xeon, 26.5% on the AMD EPYC). With one
+    # model's median there was 0.20 against 0.28 (94 such test images of the Sapphire Rapids build), a knife-edge
+    # that made CHAIR_s move with the machine (15.0% on the Sapphire Rapids Xeon, 26.5% on the AMD EPYC). With one
     # phrasing, from the same stage-1 model: 0.67 against 0.25, CHAIR_s 27.0%, recall 86.6%.
     world: WorldConfig = field(default_factory=lambda: WorldConfig(canvas_size=48, noise_share=0.8,
                                                                    description_templates="per_description"))
@@ -282,10 +282,12 @@ class WorldModelsConfig:
     # (``recipes/bench_world_step.py``, 2 threads), stage 0 / SFT: on a 2-core AMD EPYC (Zen 5,
     # AVX512-BF16) 0.90x / 0.95x; on a 2-core Intel Xeon (Sapphire Rapids, AMX) 1.41x / 1.13x, slower,
     # because PyTorch's CPU flash-attention backward is slow in bfloat16 (T ~100-250, Dh 32: 101 ms
-    # against 32 ms in float32 per layer at T 179). On a CPU without bfloat16 instructions set it False.
+    # against 32 ms in float32 per layer at T 179). On a CPU without bfloat16 instructions it costs 2.80x /
+    # 1.99x (Intel Xeon, Ice Lake; the build says so): there False builds in half the time (1,452 s
+    # against 2,944 s), SFT POPE 70.0% against 77.9% (docs/WORLD_BUILDS.md).
     # ``lvlm_float32_attention`` computes the attention in float32 under the autocast
-    # (``Attention.float32_attention``): 0.65x / 0.71x on the AMD EPYC, 0.78x / 0.85x on the Intel Xeon,
-    # and the whole default build there took 1,224 s instead of 1,641 s. It is off because both builds
+    # (``Attention.float32_attention``): 0.65x / 0.71x on the AMD EPYC, 0.78x / 0.85x on the Sapphire Rapids
+    # Xeon, and the whole default build there took 1,224 s instead of 1,641 s. It is off because both builds
     # made with it missed a target on their yes/no answers: SFT POPE 61.3% (labeler 95.7%, CHAIR_s 33.0%)
     # on the Intel Xeon, 71.4% (labeler 95.5%) on the AMD EPYC, against 76.6-81.2% in the five builds
     # without it. The CLIPs train in float32: at their width (64) bfloat16 was slower (one core: 314
@@ -1082,13 +1084,9 @@ def _lvlm_stage(c: WorldModelsConfig, name: str, start, records_fn, tokenizer: T
                                   keep_encoded=True)
     n = set_trainable(model, vision=train_vision, projector=True, language_model=True)
     _log(verbose, f"[{name}] {len(dataset)} conversations, {steps} steps x {batch}, {n:,} trainable parameters")
-    attention = [m for m in model.modules() if isinstance(m, Attention)]
-    for m in attention:
-        m.float32_attention = c.lvlm_float32_attention  # only acts under the bfloat16 autocast
-    train_sft(model, dataset, _train_config(c, root / "train" / name, steps=steps, batch=batch, lr=lr, verbose=verbose,
-                                            bf16=c.lvlm_bf16))
-    for m in attention:
-        m.float32_attention = False
+    with attention_in_float32(model, c.lvlm_float32_attention):  # only acts under the bfloat16 autocast
+        train_sft(model, dataset, _train_config(c, root / "train" / name, steps=steps, batch=batch, lr=lr,
+                                                verbose=verbose, bf16=c.lvlm_bf16))
     model.requires_grad_(False)
     model.eval()
     _save(model, out, tokenizer_text, save_lvlm)

@@ -118,3 +118,18 @@ def test_causal_attention_float32_under_bfloat16_autocast():
     torch.testing.assert_close(upcast, reference, rtol=1e-5, atol=1e-6)
     qf, kf, vf = q.float(), k.float(), v.float()
     assert torch.equal(causal_attention(qf, kf, vf, True, float32=True), causal_attention(qf, kf, vf, True))
+
+
+def test_attention_in_float32_sets_every_layer_for_the_block_only():
+    from lvlm.llama import Attention, attention_in_float32
+
+    model = LlavaForConditionalGeneration(preset("tiny-llava"))
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    assert layers and not any(m.float32_attention for m in layers)
+    with pytest.raises(RuntimeError, match="inside"):
+        with attention_in_float32(model):
+            assert all(m.float32_attention for m in layers)
+            raise RuntimeError("inside")
+    assert not any(m.float32_attention for m in layers)  # reset even when the block raises
+    with attention_in_float32(model, False):
+        assert not any(m.float32_attention for m in layers)

@@ -278,7 +278,6 @@ def test_noise_share_extremes_and_reading_order():
         describe(clean_scene, noisy=True)
 
 
-
 def template_of(sentence):
     """The index of the SENTENCE_TEMPLATES phrasing a world sentence is in (the one whose pattern matches)."""
     place = "(" + "|".join(PLACE_PATTERNS) + ")"

@@ -236,7 +236,6 @@ def test_collate_clip_records_which_image_each_negative_belongs_to():
     assert batch["negative_owner"].tolist() == [0, 0, 2]
 
 
-
 def test_clip_pairs_collate_tokenizes_a_batch_as_one_text_at_a_time():
     c = dataclasses.replace(wm.WORLD_PRESETS["micro"], clip_colour_negatives=1)
     raw = RawTokenizer.from_str(wm.clip_tokenizer_json(c))
@@ -253,6 +252,7 @@ def test_clip_pairs_collate_tokenizes_a_batch_as_one_text_at_a_time():
     single, scene = pairs.scene(wm._train_scene(c, 0)[0])
     assert pairs.scene(scene.seed)[1] is scene  # kept after the first use
     assert (len(scene.objects) == 1) >= single
+
 
 def test_clip_colour_negatives_name_a_colour_the_image_lacks():
     scene = sample_scene(11)

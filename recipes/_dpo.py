@@ -10,6 +10,10 @@ reference model, stored once with the data as RLAIF-V does) the reference never 
 
 The policy's log-prob of a response is the sum of its tokens' log-probs (its answer and "</s>"),
 prompt and image masked out (ANCHORS §4): ``optim.sequence_logprobs`` on the shifted sequence.
+
+With ``replay`` (a ``recipes.sft.ConversationDataset`` of the SFT data) and ``ptx_coef`` > 0, pair i also
+brings replay conversation ``i mod len(replay)`` into its batch, and the loss gains InstructGPT's ptx
+term, ``ptx_coef`` x that conversation's answer NLL (``recipes._ptx``; in none of the DPO papers).
 """
 
 from __future__ import annotations
@@ -23,17 +27,20 @@ from lvlm.image import preprocess_image
 from lvlm.tokenizer import Tokenizer, encode_conversation, pad_batch
 from optim import apply_lora, dpo_with_sft_loss, merge_lora, preference_metrics, sequence_logprobs
 from optim.train import TrainConfig, train
+from recipes._ptx import replay_indices
 
 
 class PreferencePairs:
     """Pair records -> examples: the chosen and the rejected conversation, each encoded with its
-    assistant mask, and the image (``[1, 3, H, W]``, or None for a text-only pair).
+    assistant mask, and the image (``[1, 3, H, W]``, or None for a text-only pair); with ``replay``, an
+    example also carries its replay conversation (``"replay"``: a ``ConversationDataset`` example).
 
     Every record is encoded once when the dataset is built, so a bad record fails before training.
     """
 
     def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, *, load_image: Callable,
-                 image_size: int, image_tokens_per_image: int, max_length: int | None = None):
+                 image_size: int, image_tokens_per_image: int, max_length: int | None = None, replay=None):
+        self.replay = replay
         self.records = list(records)
         self.tokenizer, self.load_image = tokenizer, load_image
         self.image_size, self.image_tokens_per_image, self.max_length = image_size, image_tokens_per_image, max_length
@@ -58,6 +65,13 @@ class PreferencePairs:
         return encoded
 
     def __getitem__(self, index: int) -> dict:
+        example = self.pair(index)
+        if self.replay is not None:
+            example["replay"] = self.replay[replay_indices(index, 1, len(self.replay))[0]]
+        return example
+
+    def pair(self, index: int) -> dict:
+        """Example ``index`` without its replay conversation."""
         record = self.records[index]
         chosen, rejected = self._encode(record, "chosen"), self._encode(record, "rejected")
         pixels = None
@@ -72,18 +86,27 @@ class PreferencePairs:
 
 
 def collate_pairs(examples: Sequence[dict], *, pad_id: int) -> dict:
-    """B pairs -> one batch of 2B rows: the chosen responses first, then the rejected ones.
+    """B pairs -> one batch of 2B rows: the chosen responses first, then the rejected ones; when every
+    example carries a replay conversation, B more rows after them (``replay_rows`` = B).
 
-    input_ids / assistant_mask [2B, T]; pixel_values: the images in row order (each pair's image twice);
-    ref_chosen / ref_rejected [B] float32 when every example has them.
+    input_ids / assistant_mask [2B (+ B), T]; pixel_values: the images in row order (each pair's image
+    twice, then the replay rows' images); ref_chosen / ref_rejected [B] float32 when every example has them.
     """
     rows = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     masks = [e["chosen_mask"] for e in examples] + [e["rejected_mask"] for e in examples]
     images = [e["pixel_values"] for e in examples if e["pixel_values"] is not None]
+    images = images + images
+    replay = [e["replay"] for e in examples if "replay" in e]
+    if replay and len(replay) != len(examples):
+        raise ValueError("collate_pairs: some examples carry a replay conversation and some do not")
+    rows += [r["input_ids"] for r in replay]
+    masks += [r["assistant_mask"] for r in replay]
+    images += [r["pixel_values"] for r in replay if r["pixel_values"] is not None]
     batch = {
         "input_ids": pad_batch(rows, pad_id)[0],
         "assistant_mask": pad_batch(masks, False)[0],
-        "pixel_values": torch.cat(images + images) if images else None,
+        "pixel_values": torch.cat(images) if images else None,
+        "replay_rows": len(replay),
     }
     if all(e["ref_chosen"] is not None and e["ref_rejected"] is not None for e in examples):
         batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples], dtype=torch.float32)
@@ -92,7 +115,7 @@ def collate_pairs(examples: Sequence[dict], *, pad_id: int) -> dict:
 
 
 def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs ``[2B]`` of the assistant tokens of every row, and their token counts ``[2B]``.
+    """Summed log-probs ``[rows]`` of the assistant tokens of every row, and their token counts ``[rows]``.
 
     ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, so the sequence is shifted by one.
     """
@@ -112,7 +135,7 @@ def add_reference_logps(reference, pairs: PreferencePairs, *, batch_size: int = 
     pad = pairs.tokenizer.pad_id
     for start in range(0, len(pairs), batch_size):
         indices = range(start, min(start + batch_size, len(pairs)))
-        batch = collate_pairs([pairs[i] for i in indices], pad_id=pad)
+        batch = collate_pairs([pairs.pair(i) for i in indices], pad_id=pad)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         logps, _ = response_logps(reference, batch)
         chosen, rejected = logps.float().cpu().chunk(2)
@@ -122,21 +145,32 @@ def add_reference_logps(reference, pairs: PreferencePairs, *, batch_size: int = 
 
 
 def dpo_loss_fn(*, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                w_sft: float = 0.0) -> Callable:
-    """The ``loss_fn`` for ``optim.train``: DPO (plus RLAIF-V's optional SFT term) on a pair batch."""
+                w_sft: float = 0.0, ptx_coef: float = 0.0) -> Callable:
+    """The ``loss_fn`` for ``optim.train``: DPO (plus RLAIF-V's optional SFT term) on a pair batch, plus
+    ``ptx_coef`` x the replay rows' NLL (the mean over rows of each row's mean answer-token NLL, as
+    ``recipes.sft.sft_loss``) when ``ptx_coef`` > 0."""
 
     def loss_fn(model, batch: dict):
         if "ref_chosen" not in batch:
             raise ValueError("DPO batch without reference log-probs: call add_reference_logps first")
+        n_replay = batch.get("replay_rows", 0)
+        if (ptx_coef > 0) != (n_replay > 0):
+            raise ValueError(f"DPO batch with {n_replay} replay rows and ptx_coef={ptx_coef}: give PreferencePairs "
+                             "a replay dataset exactly when ptx_coef > 0")
         logps, counts = response_logps(model, batch)
-        chosen, rejected = logps.chunk(2)
-        chosen_avg = chosen / counts.chunk(2)[0].clamp(min=1)
+        n_pairs = (len(logps) - n_replay) // 2
+        chosen, rejected = logps[:n_pairs], logps[n_pairs:2 * n_pairs]
+        chosen_avg = chosen / counts[:n_pairs].clamp(min=1)
         loss, chosen_rewards, rejected_rewards = dpo_with_sft_loss(
             chosen, rejected, batch["ref_chosen"].to(chosen), batch["ref_rejected"].to(chosen),
             policy_chosen_avg_logps=chosen_avg, w_sft=w_sft, beta=beta, label_smoothing=label_smoothing,
             loss_type=loss_type)
         metrics = preference_metrics(chosen_rewards, rejected_rewards)
-        metrics["tokens"] = batch["assistant_mask"].sum().float()
+        metrics["tokens"] = batch["assistant_mask"][:2 * n_pairs].sum().float()
+        if n_replay:
+            ptx_nll = -(logps[2 * n_pairs:] / counts[2 * n_pairs:].clamp(min=1)).mean()
+            loss = loss + ptx_coef * ptx_nll
+            metrics["ptx_nll"] = ptx_nll.detach()
         return loss, metrics
 
     return loss_fn
@@ -150,8 +184,10 @@ class LoraSettings:
 
 
 def train_dpo(model, pairs: PreferencePairs, config: TrainConfig, *, beta: float = 0.1, loss_type: str = "sigmoid",
-              label_smoothing: float = 0.0, w_sft: float = 0.0, lora: LoraSettings | None = None):
-    """DPO-train ``model`` in place on ``pairs`` (reference log-probs already stored); with ``lora``, train
+              label_smoothing: float = 0.0, w_sft: float = 0.0, ptx_coef: float = 0.0,
+              lora: LoraSettings | None = None):
+    """DPO-train ``model`` in place on ``pairs`` (reference log-probs already stored; with ``ptx_coef`` > 0,
+    ``pairs`` built with a replay dataset); with ``lora``, train
     adapters on the language model (vision tower and projector frozen, as CSR) and merge them at the end,
     so the result is a plain model in the Hugging Face layout again. Returns ``optim.train``'s result."""
     if lora is not None:
@@ -162,7 +198,10 @@ def train_dpo(model, pairs: PreferencePairs, config: TrainConfig, *, beta: float
     else:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(not name.startswith("vision_tower."))
-    loss_fn = dpo_loss_fn(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, w_sft=w_sft)
+    if (ptx_coef > 0) != (pairs.replay is not None):
+        raise ValueError(f"train_dpo: ptx_coef={ptx_coef} needs PreferencePairs(replay=...) exactly when it is > 0")
+    loss_fn = dpo_loss_fn(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, w_sft=w_sft,
+                          ptx_coef=ptx_coef)
     pad = pairs.tokenizer.pad_id
     result = train(model, pairs, loss_fn, config, collate_fn=lambda examples: collate_pairs(examples, pad_id=pad))
     if lora is not None:

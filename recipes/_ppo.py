@@ -11,6 +11,8 @@ the RLHF form of Ziegler et al. 2019 / Ouyang et al. 2022. One rollout batch goe
     r_t   = 10 * ( -0.1 * max(logp_t - logp_ref_t, 0)  [+ score at the last token] )
     A, R  = GAE(r, V; gamma = lambda = 1);   A <- whiten(A) over the whole batch
     2 epochs x minibatches:  loss = clipped policy loss + 0.1 * clipped value loss      (ppo_update)
+                             [ + ptx_coef * NLL(replayed SFT conversations): InstructGPT's PPO-ptx,
+                               off by default and not in LLaVA-RLHF; recipes/_ptx.py ]
 
 The x10 (``REWARD_SCALE``) multiplies the whole per-token reward -- KL penalty included -- at the
 start of GAE, as the released ``_estimate_advantage`` does with ``whiten_rewards=False``; the
@@ -45,6 +47,7 @@ from optim import gae, masked_mean, ppo_policy_loss, ppo_policy_stats, ppo_value
 from optim import token_logprobs, whiten
 from optim.distributed import get_world_size
 from optim.logprobs import token_entropy
+from recipes._ptx import ptx_loss
 
 
 class PPODivergedError(RuntimeError):
@@ -322,7 +325,8 @@ def ppo_update(policy, value_model, optimizer: torch.optim.Optimizer, rollout: R
                policy_params: Sequence[torch.Tensor], value_params: Sequence[torch.Tensor], epochs: int = 2,
                minibatches: int = 2, micro_batch: int = 16, clip_eps: float = 0.2, value_clip_eps: float = 0.2,
                vf_coef: float = 0.1, grad_clip: float = 1.0, joint_clip: bool = True,
-               lr_at_step: Callable[[int], float], step: int = 0, seed: int = 0) -> tuple[int, dict]:
+               lr_at_step: Callable[[int], float], step: int = 0, seed: int = 0, ptx_coef: float = 0.0,
+               replay_batch: Callable[[int], dict] | None = None) -> tuple[int, dict]:
     """``epochs`` passes over the rollout in ``minibatches`` shuffled minibatches, one AdamW step each.
 
     LLaVA-RLHF as released: 2 PPO epochs per rollout batch (512 rollouts, step batch 256 -> 2
@@ -333,12 +337,16 @@ def ppo_update(policy, value_model, optimizer: torch.optim.Optimizer, rollout: R
     split into micro-batches of ``micro_batch`` rows; their losses (token means) are weighted by row
     share and accumulated, gradients are averaged over ranks, clipped, and applied with the learning
     rate ``lr_at_step(step)``. ``step`` counts optimizer steps over the whole run (it drives the
-    schedule); the shuffles come from ``seed`` and ``step``.
+    schedule); the shuffles come from ``seed`` and ``step``. With ``ptx_coef`` > 0, each optimizer step
+    also adds ``ptx_coef`` x the answer NLL of ``replay_batch(step)`` (a ``recipes.sft`` batch of replayed
+    SFT conversations, ``recipes._ptx``) to the policy's gradient, before the clip (InstructGPT's PPO-ptx).
 
     Every rank must call this with the same ``epochs`` and ``minibatches`` (it takes exactly
     ``epochs * minibatches`` optimizer steps). Raises ``PPODivergedError`` before applying an update
     whose loss or gradient norm is not finite. Returns (the new step, mean statistics as floats).
     """
+    if (ptx_coef > 0) != (replay_batch is not None):
+        raise ValueError(f"ppo_update: ptx_coef={ptx_coef} needs a replay_batch exactly when it is > 0")
     if len(rollout) < minibatches:
         raise ValueError(f"ppo_update: {len(rollout)} rollouts on this rank, fewer than {minibatches} minibatches")
     device = next(policy.parameters()).device
@@ -358,6 +366,11 @@ def ppo_update(policy, value_model, optimizer: torch.optim.Optimizer, rollout: R
                 (loss * weight).backward()
                 for k, v in dict(stats, loss=loss.detach()).items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + weight * v.float()
+            if replay_batch is not None:
+                replay = {k: v.to(device) if torch.is_tensor(v) else v for k, v in replay_batch(step).items()}
+                ptx_nll, ptx_stats = ptx_loss(policy, replay)
+                (ptx_coef * ptx_nll).backward()
+                sums.update({k: v.float() for k, v in ptx_stats.items()})
             _average_gradients(params)
             groups = {"policy_grad_norm": [p for p in policy_params if p.grad is not None],
                       "value_grad_norm": [p for p in value_params if p.grad is not None]}
@@ -376,7 +389,8 @@ def ppo_update(policy, value_model, optimizer: torch.optim.Optimizer, rollout: R
                 dist.all_reduce(reduced)
                 reduced /= get_world_size()
             values = dict(zip(keys, reduced.tolist()))
-            bad = [k for k in ("loss", "policy_grad_norm", "value_grad_norm") if not math.isfinite(values[k])]
+            bad = [k for k in ("loss", "policy_grad_norm", "value_grad_norm", "ptx_nll")
+                   if k in values and not math.isfinite(values[k])]
             if bad:
                 optimizer.zero_grad(set_to_none=True)
                 raise PPODivergedError(

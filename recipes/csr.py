@@ -71,7 +71,9 @@ from optim.train import TrainConfig  # noqa: E402
 from recipes._common import (Progress, add_config_arguments, config_from_args, config_to_dict,  # noqa: E402
                              print_config, set_cpu_threads)
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
+from recipes._ptx import iteration_records, replay_dataset  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
+from recipes.sft import load_llava_conversations  # noqa: E402
 from rewards.calibrated import rank_path_score  # noqa: E402
 from rewards.csr_scorer import CalibratedScorer  # noqa: E402
 from search.sampling_ops import mix_seeds  # noqa: E402
@@ -142,6 +144,12 @@ class CSRConfig:
     lora_dropout: float = 0.05
     bf16: bool = True
     ref_batch_size: int = 8  # pairs per reference forward during collection
+    # InstructGPT's ptx term (not in the paper; recipes/_ptx.py): + ptx_coef x the answer NLL of an SFT
+    # conversation replayed beside each pair; the conversations: --ptx_data (LLaVA's conversation JSON,
+    # images under --images), on the world its SFT data's short-answer turns; ptx_examples per iteration
+    ptx_coef: float = 0.0
+    ptx_data: str | None = None
+    ptx_examples: int = 384
     # evaluation
     eval_images: int = 500
     eval_batch_size: int = 64
@@ -212,6 +220,7 @@ class Inputs:
     load_image: Callable
     eval_set: object | None
     eval_note: str = ""
+    replay: Callable[[int], list[dict]] | None = None  # iteration t -> its ptx replay conversations
 
 
 def world_prompts(world, n: int, iteration: int) -> list[dict]:
@@ -287,10 +296,16 @@ def resolve_inputs(config: CSRConfig) -> Inputs:
         preset = WORLD_PRESETS[config.world_preset]
         models = ensure_world_models(preset)  # trained now if not cached
         world = preset.world
+        replay = None
+        if config.ptx_coef > 0:
+            from recipes.world_models import world_replay_records
+
+            def replay(t: int) -> list[dict]:
+                return world_replay_records(preset, config.ptx_examples, start=(t - 1) * config.ptx_examples)
         return Inputs(model=models.sft, clip=models.reward_clip,
                       prompts=functools.partial(world_prompts, world, config.n_prompts),
                       load_image=functools.partial(render_world_image, world),
-                      eval_set=world_eval_set(world, n_images=config.eval_images, split="test"))
+                      eval_set=world_eval_set(world, n_images=config.eval_images, split="test"), replay=replay)
 
     missing = [name for name in ("model", "data", "images") if getattr(config, name) is None]
     if config.lam > 0 and config.clip is None:
@@ -307,6 +322,12 @@ def resolve_inputs(config: CSRConfig) -> Inputs:
         raise FileNotFoundError(f"--clip {config.clip}: no tokenizer.json (CLIP's text tokenizer)")
     records = load_prompt_records(config.data, config.images)
     n = len(records) if config.n_prompts is None else min(config.n_prompts, len(records))
+    replay = None
+    if config.ptx_coef > 0:
+        if config.ptx_data is None:
+            raise ValueError("--ptx_coef > 0 on real checkpoints needs --ptx_data (SFT conversations, LLaVA's JSON)")
+        replay_records = load_llava_conversations(config.ptx_data, config.images)
+        replay = functools.partial(iteration_records, replay_records, config.ptx_examples)
     eval_set, note = None, "no --eval_annotations/--eval_image_dir given: iterations are not evaluated"
     if config.eval_annotations is not None:
         if config.eval_image_dir is None:
@@ -314,7 +335,8 @@ def resolve_inputs(config: CSRConfig) -> Inputs:
         eval_set, note = coco_eval_set(config.eval_annotations, config.eval_image_dir, config.eval_synonyms,
                                        n_images=config.eval_images, seed=config.seed), ""
     return Inputs(model=Path(config.model), clip=Path(config.clip) if config.clip else None,
-                  prompts=lambda t: records[:n], load_image=load_image_file, eval_set=eval_set, eval_note=note)
+                  prompts=lambda t: records[:n], load_image=load_image_file, eval_set=eval_set, eval_note=note,
+                  replay=replay)
 
 
 def check_model_matches_tokenizer(model, tokenizer: Tokenizer, where: Path) -> None:
@@ -467,11 +489,13 @@ def dpo_batch_size(config: CSRConfig, n_pairs: int, world_size: int) -> int:
 
 
 def dpo_update(model, pairs: list[dict], tokenizer: Tokenizer, load_image: Callable, config: CSRConfig,
-               out_dir: Path) -> dict:
+               out_dir: Path, replay: list[dict] | None = None) -> dict:
     """CSR step 5: sigmoid DPO (Rafailov et al. 2023, Eq. 7) of ``model`` on ``pairs`` (reference log-probs
-    already stored), LoRA on the language model, merged back; returns the last step's metrics."""
+    already stored), LoRA on the language model, merged back; with ``replay`` (conversation records) the
+    ptx term on them (``recipes._ptx``). Returns the last step's metrics."""
+    replay_set = replay_dataset(replay, tokenizer, model, load_image) if replay else None
     dataset = PreferencePairs(pairs, tokenizer, load_image=load_image, image_size=model.config.vision_config.image_size,
-                              image_tokens_per_image=model.config.image_tokens_per_image)
+                              image_tokens_per_image=model.config.image_tokens_per_image, replay=replay_set)
     batch = dpo_batch_size(config, len(pairs), get_world_size())
     train_config = TrainConfig(out_dir=str(out_dir), lr=config.lr, warmup_ratio=config.warmup_ratio,
                                epochs=config.epochs, global_batch_size=batch,
@@ -479,7 +503,7 @@ def dpo_update(model, pairs: list[dict], tokenizer: Tokenizer, load_image: Calla
                                bf16=config.bf16, seed=config.seed, log_every=10.0)
     lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     result = train_dpo(model, dataset, train_config, beta=config.beta, loss_type=config.loss_type,
-                       w_sft=config.w_sft, lora=lora)
+                       w_sft=config.w_sft, ptx_coef=config.ptx_coef if replay else 0.0, lora=lora)
     model.requires_grad_(False)
     model.eval()
     return {k: float(v) for k, v in result.metrics.items()}
@@ -547,6 +571,8 @@ def parse_config(argv=None) -> tuple[CSRConfig, argparse.Namespace]:
         parser.error(f"--normalize must be none or rank, got {config.normalize!r}")
     if not 0.0 <= config.lam <= 1.0:
         parser.error(f"--lam must lie in [0, 1], got {config.lam}")
+    if config.ptx_coef < 0 or config.ptx_examples < 1:
+        parser.error(f"--ptx_coef must be >= 0 and --ptx_examples >= 1, got {config.ptx_coef}, {config.ptx_examples}")
     return config, args
 
 
@@ -619,7 +645,8 @@ def main(argv=None) -> dict:
 
         # 5. DPO with LoRA against the current model (its log-probs are in the pairs), merged back
         t = time.time()
-        dpo_metrics = dpo_update(model, pairs, tokenizer, inputs.load_image, config, it_dir / "train")
+        replay = inputs.replay(iteration) if inputs.replay is not None else None
+        dpo_metrics = dpo_update(model, pairs, tokenizer, inputs.load_image, config, it_dir / "train", replay)
         stage["dpo"] = round(time.time() - t, 1)
 
         # 6. save, evaluate

@@ -79,7 +79,9 @@ from optim.train import TrainConfig, lr_at, train  # noqa: E402
 from recipes._common import (add_config_arguments, config_from_args, config_to_dict, format_seconds,  # noqa: E402
                              print_config, set_cpu_threads)
 from recipes._ppo import make_rollout, ppo_update, rewards_and_advantages, rollout_stats  # noqa: E402
+from recipes._ptx import replay_batch, replay_dataset, replay_indices  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
+from recipes.sft import load_llava_conversations  # noqa: E402
 from rewards.reward_model import (RewardModel, load_reward_model, reward_inputs, save_reward_model,  # noqa: E402
                                   score_batch, value_model_from)
 from rewards.shaping import shaped_score, symbolic_reward  # noqa: E402
@@ -155,6 +157,13 @@ class RLHFConfig:
     symbolic_reward_yes: bool = False  # also score "Yes" on a present object (the release scores only "No")
     ppo_prompts: int = 72000  # world: size of the PPO prompt pool (training images after the pairs')
     micro_batch: int = 16  # rows per forward/backward (STEP_PER_DEVICE_BATCH_SIZE)
+    # InstructGPT's PPO-ptx term (not in LLaVA-RLHF; recipes/_ptx.py): + ptx_coef x the answer NLL of
+    # ptx_batch replayed SFT conversations per optimizer step and rank; the conversations: --ptx_data
+    # (LLaVA's conversation JSON, images under --images), on the world its SFT data's short-answer turns
+    ptx_coef: float = 0.0
+    ptx_data: str | None = None
+    ptx_examples: int = 4096  # world: replayed SFT conversations (the optimizer steps cycle through them)
+    ptx_batch: int = 16
     generate_batch: int = 64  # rows per generate call (ROLLOUT_PER_DEVICE_BATCH_SIZE)
     # 5. evaluation
     eval_images: int = 200
@@ -229,6 +238,10 @@ def check_config(config: RLHFConfig) -> None:
         problems.append(f"symbolic_share must lie in [0, 1], got {config.symbolic_share}")
     if config.max_new_tokens < 1 or config.length_tokens < 1:
         problems.append("max_new_tokens and length_tokens must be >= 1")
+    if config.ptx_coef < 0 or config.ptx_batch < 1 or config.ptx_examples < 1:
+        problems.append("ptx_coef must be >= 0, ptx_batch and ptx_examples >= 1")
+    if config.ptx_coef > 0 and config.model is not None and config.ptx_data is None:
+        problems.append("ptx_coef > 0 with --model needs --ptx_data (SFT conversations, LLaVA's JSON)")
     if problems:
         raise ValueError("llava_rlhf config: " + "; ".join(problems))
 
@@ -253,6 +266,7 @@ class Sources:
     ppo_items: list  # the PPO prompt pool
     eval_set: object | None  # recipes.evaluate.EvalSet, or None (no evaluation possible)
     world: object | None  # lvlm.world.WorldConfig on the world
+    replay_records: list | None = None  # the PPO-ptx term's SFT conversations (None: no ptx term)
 
 
 def world_sources(config: RLHFConfig) -> Sources:
@@ -296,8 +310,13 @@ def world_sources(config: RLHFConfig) -> Sources:
             ppo_items.append({"question": q.question, "image": seed, "captions": facts,
                               "kind": "multiple_choice", "truth": q.answer})
     eval_set = world_eval_set(world, n_images=config.eval_images, split="test") if config.eval_images else None
+    replay = None
+    if config.ptx_coef > 0:
+        from recipes.world_models import world_replay_records
+
+        replay = world_replay_records(preset, config.ptx_examples)
     return Sources(sft_dir=sft_dir, load_image=functools.partial(render_world_image, world), pair_items=pair_items,
-                   preference_records=None, ppo_items=ppo_items, eval_set=eval_set, world=world)
+                   preference_records=None, ppo_items=ppo_items, eval_set=eval_set, world=world, replay_records=replay)
 
 
 def _raise_problems(path: Path, what: str, problems: list[str], missing: list[str]) -> None:
@@ -489,8 +508,9 @@ def real_sources(config: RLHFConfig) -> Sources:
             raise ValueError("--eval_annotations needs --eval_image_folder (the images it names)")
         eval_set = coco_eval_set(config.eval_annotations, config.eval_image_folder, config.eval_synonyms,
                                  n_images=config.eval_images, seed=config.seed)
+    replay = load_llava_conversations(config.ptx_data, config.images) if config.ptx_coef > 0 else None
     return Sources(sft_dir=sft_dir, load_image=load_image, pair_items=None, preference_records=pairs,
-                   ppo_items=ppo_items, eval_set=eval_set, world=None)
+                   ppo_items=ppo_items, eval_set=eval_set, world=None, replay_records=replay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -880,7 +900,8 @@ def progress_line(it: int, r: int, step: int, total_steps: int, rollout, records
             f"value loss {update['value_loss']:.2f}  approx_kl "
             f"{update['approx_kl']:.4f}  clipped {update['clip_fraction']:.2f}  grad norms "
             f"{update['policy_grad_norm']:.2f} / {update['value_grad_norm']:.2f}  "
-            f"elapsed {format_seconds(elapsed)}  eta {format_seconds(eta)}")
+            + (f"ptx nll {update['ptx_nll']:.3f}  " if "ptx_nll" in update else "")
+            + f"elapsed {format_seconds(elapsed)}  eta {format_seconds(eta)}")
 
 
 def run_ppo(policy, reference, value_model, reward_model: RewardModel, tokenizer: Tokenizer, sources: Sources,
@@ -936,6 +957,13 @@ def run_ppo(policy, reference, value_model, reward_model: RewardModel, tokenizer
                                                       dtype=torch.float32).state_dict())
     policy_params, value_params = make_trainable()
     optimizer = fresh_optimizer(policy_params + value_params)
+    replay_at = None  # optimizer step -> this rank's replay batch (the PPO-ptx term), or None
+    if sources.replay_records is not None:
+        replay = replay_dataset(sources.replay_records, tokenizer, policy, sources.load_image)
+
+        def replay_at(step: int) -> dict:
+            return replay_batch(replay, replay_indices(step * world + rank, config.ptx_batch, len(replay)),
+                                pad_id=tokenizer.pad_id)
     log(f"[ppo] {sum(p.numel() for p in policy_params):,} + {sum(p.numel() for p in value_params):,} trainable "
         f"parameters (policy + value model), {total_steps} optimizer "
         f"steps in all ({config.rollouts_per_iteration} rollout batches of {config.rollout_batch} per iteration, "
@@ -959,7 +987,8 @@ def run_ppo(policy, reference, value_model, reward_model: RewardModel, tokenizer
                                       micro_batch=config.micro_batch, clip_eps=config.clip_eps,
                                       value_clip_eps=config.value_clip_eps, vf_coef=config.vf_coef,
                                       grad_clip=config.grad_clip, joint_clip=config.joint_grad_clip,
-                                      lr_at_step=schedule, step=step, seed=config.seed)
+                                      lr_at_step=schedule, step=step, seed=config.seed,
+                                      ptx_coef=config.ptx_coef if replay_at else 0.0, replay_batch=replay_at)
             log(progress_line(it, r, step, total_steps, rollout, records, update, config, time.time() - started))
         save_policy(policy, directory / "model", sources.sft_dir)
         if is_main_process():

@@ -86,8 +86,10 @@ from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
+from recipes._ptx import iteration_records, replay_dataset  # noqa: E402
 from recipes._run import (collect, format_table, mark_done, model_done, open_run,  # noqa: E402
                           write_summary)
+from recipes.sft import load_llava_conversations  # noqa: E402
 from rewards.claims import (claim_to_question, claims_to_questions_with_model_batch, labeler_prompt,  # noqa: E402
                             split_claims, split_claims_with_model_batch, without_labeler_suffix, yes_no_answer)
 from rewards.labeler import (answer_token_id, claim_accepted, label_questions, rejected_per_response,  # noqa: E402
@@ -150,6 +152,12 @@ class RLAIFVConfig:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     w_sft: float = 0.0
+    # InstructGPT's ptx term (not in the paper; recipes/_ptx.py): + ptx_coef x the answer NLL of an SFT
+    # conversation replayed beside each pair; the conversations: --ptx_data (LLaVA's conversation JSON,
+    # images under --images), on the world its SFT data's short-answer turns; ptx_examples per iteration
+    ptx_coef: float = 0.0
+    ptx_data: str | None = None
+    ptx_examples: int = 512
     lr: float = 5e-7
     epochs: int = 4
     global_batch_size: int = 8
@@ -527,6 +535,12 @@ def resolve_config(argv=None) -> tuple[RLAIFVConfig, str]:
         parser.error("--data / --labeler / --splitter need --model (without it, the built-in world runs)")
     if real and config.yes_no_share > 0:
         parser.error("--yes_no_share makes world instructions; on a real run put the questions in --data")
+    if not real and config.ptx_data is not None:
+        parser.error("--ptx_data needs --model (the built-in world replays its own SFT data)")
+    if real and config.ptx_coef > 0 and config.ptx_data is None:
+        parser.error("--ptx_coef > 0 on a real run needs --ptx_data (SFT conversations, LLaVA's JSON)")
+    if config.ptx_coef < 0 or config.ptx_examples < 1:
+        parser.error(f"--ptx_coef must be >= 0 and --ptx_examples >= 1, got {config.ptx_coef}, {config.ptx_examples}")
     if config.reference not in ("iteration", "sft"):
         parser.error(f"--reference must be 'iteration' or 'sft', got {config.reference!r}")
     if config.out is None:
@@ -545,6 +559,7 @@ class Inputs:
     load_image: object
     eval_set: object
     world: object = None
+    replay: object = None  # iteration t -> its ptx replay conversations (None: no ptx term)
 
 
 def resolve_inputs(config: RLAIFVConfig) -> Inputs:
@@ -559,9 +574,15 @@ def resolve_inputs(config: RLAIFVConfig) -> Inputs:
         instructions = world_instructions(preset.world, config.iterations * config.instructions_per_iteration,
                                           offset=config.instruction_offset, yes_no_share=config.yes_no_share)
         models = ensure_world_models(preset)
+        replay = None
+        if config.ptx_coef > 0:
+            from recipes.world_models import world_replay_records
+
+            def replay(t: int) -> list[dict]:
+                return world_replay_records(preset, config.ptx_examples, start=(t - 1) * config.ptx_examples)
         return Inputs(sft=Path(models.sft), labeler=Path(models.labeler), instructions=instructions,
                       load_image=functools.partial(render_world_image, preset.world),
-                      eval_set=evaluation_set(config, preset.world), world=preset.world)
+                      eval_set=evaluation_set(config, preset.world), world=preset.world, replay=replay)
     if config.clip is not None:
         _print("note: --clip is not used by RLAIF-V (its feedback comes from the labeler)")
     for name in ("model", "labeler", "splitter"):
@@ -569,8 +590,12 @@ def resolve_inputs(config: RLAIFVConfig) -> Inputs:
         if directory is not None and not (Path(directory) / "config.json").is_file():
             raise FileNotFoundError(f"--{name} {directory}: no config.json there (a Hugging Face LLaVA directory)")
     instructions = load_instructions(config.data, config.images)  # every record and image checked now
+    replay = None
+    if config.ptx_coef > 0:
+        replay = functools.partial(iteration_records, load_llava_conversations(config.ptx_data, config.images),
+                                   config.ptx_examples)
     return Inputs(sft=Path(config.model), labeler=Path(config.labeler or config.model), instructions=instructions,
-                  load_image=load_image_file, eval_set=evaluation_set(config, None))
+                  load_image=load_image_file, eval_set=evaluation_set(config, None), replay=replay)
 
 
 def check_model_matches_tokenizer(model, tokenizer: Tokenizer, where: Path) -> None:
@@ -724,8 +749,11 @@ def main(argv=None) -> dict:
             _print(f"[iter {t}] warning: {len(pairs)} pair(s), fewer than one micro-batch per rank; "
                    "the model is kept as it is this iteration")
         else:
+            replay = None
+            if inputs.replay is not None:
+                replay = replay_dataset(inputs.replay(t), tokenizer, policy, load_image)
             dataset = PreferencePairs(pairs, tokenizer, load_image=load_image, image_size=size,
-                                      image_tokens_per_image=per_image)
+                                      image_tokens_per_image=per_image, replay=replay)
             train_config = TrainConfig(
                 out_dir=str(it_dir / "train"), lr=lr, epochs=config.epochs, global_batch_size=batch,
                 micro_batch_size=config.micro_batch_size, warmup_ratio=config.warmup_ratio,
@@ -733,7 +761,8 @@ def main(argv=None) -> dict:
                 activation_checkpointing=config.activation_checkpointing, seed=config.seed + t, log_every=30.0)
             lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout) if config.lora else None
             result = train_dpo(policy, dataset, train_config, beta=config.beta, loss_type=config.loss_type,
-                               label_smoothing=config.label_smoothing, w_sft=config.w_sft, lora=lora)
+                               label_smoothing=config.label_smoothing, w_sft=config.w_sft,
+                               ptx_coef=config.ptx_coef if replay is not None else 0.0, lora=lora)
             _print(f"[iter {t}] DPO: {result.step} steps on {len(dataset)} pairs, last loss "
                    f"{result.metrics.get('loss', float('nan')):.4f}")
         policy.eval()

@@ -713,6 +713,22 @@ def world_caption_records(c: WorldModelsConfig) -> list[dict]:
     return records
 
 
+def _sft_record(c: WorldModelsConfig, k: int, *, description: bool = True) -> dict:
+    """SFT example k (``world_sft_records``); with ``description=False`` the same conversation without its
+    description turn: the short answers alone (``world_replay_records``)."""
+    seed, variant = _train_scene(c, k)
+    scene = sample_scene(seed, c.world)
+    if world_rng(seed, "sft-questions-only", variant).random() < c.sft_qa_share:
+        return _yes_no_record(scene, variant, variant + 3000, c.sft_qa_yes_no)
+    turns = [(description_instruction(scene, variant), describe(scene, variant).text)] if description else []
+    turns += [(q.question, q.answer) for q in yes_no_questions(scene, variant, count=c.sft_yes_no)]
+    rng = world_rng(seed, "sft-choice", variant)
+    turns += [(q.question, q.answer) for q in (multiple_choice_question(scene, rng) for _ in range(c.sft_choice))]
+    turns += [(q.question, q.answer) for q in (short_answer_question(scene, rng) for _ in range(c.sft_short_answers))]
+    world_rng(seed, "sft-turn-order", variant).shuffle(turns)
+    return _record(seed, variant, turns)
+
+
 def world_sft_records(c: WorldModelsConfig) -> list[dict]:
     """Stage 2: per example one conversation about one image, its turns in a random order (so that each
     kind is sometimes the first turn, as in evaluation): a description carrying the prior's noise at
@@ -720,21 +736,18 @@ def world_sft_records(c: WorldModelsConfig) -> list[dict]:
     attribute, claim), ``sft_choice`` multiple-choice and ``sft_short_answers`` short-answer questions;
     or, for a share ``sft_qa_share`` of the examples, ``sft_qa_yes_no`` yes/no questions only (see the
     field's comment for why)."""
-    records = []
-    for k in range(c.sft_steps * c.sft_batch):
-        seed, variant = _train_scene(c, k)
-        scene = sample_scene(seed, c.world)
-        if world_rng(seed, "sft-questions-only", variant).random() < c.sft_qa_share:
-            records.append(_yes_no_record(scene, variant, variant + 3000, c.sft_qa_yes_no))
-            continue
-        turns = [(description_instruction(scene, variant), describe(scene, variant).text)]
-        turns += [(q.question, q.answer) for q in yes_no_questions(scene, variant, count=c.sft_yes_no)]
-        rng = world_rng(seed, "sft-choice", variant)
-        turns += [(q.question, q.answer) for q in (multiple_choice_question(scene, rng) for _ in range(c.sft_choice))]
-        turns += [(q.question, q.answer) for q in (short_answer_question(scene, rng) for _ in range(c.sft_short_answers))]
-        world_rng(seed, "sft-turn-order", variant).shuffle(turns)
-        records.append(_record(seed, variant, turns))
-    return records
+    return [_sft_record(c, k) for k in range(c.sft_steps * c.sft_batch)]
+
+
+def world_replay_records(c: WorldModelsConfig, n: int, start: int = 0) -> list[dict]:
+    """SFT conversations ``start .. start + n - 1`` (wrapping around the SFT data) without their
+    descriptions: the clean yes/no, multiple-choice and short-answer turns the SFT model was trained on,
+    for the recipes' ``ptx_coef`` term (``recipes._ptx``). The noisy descriptions are left out: replaying
+    them would teach the prior's hallucinations again."""
+    total = c.sft_steps * c.sft_batch
+    if n < 1 or start < 0:
+        raise ValueError(f"world_replay_records: need n >= 1 and start >= 0, got n={n}, start={start}")
+    return [_sft_record(c, (start + i) % total, description=False) for i in range(n)]
 
 
 def world_labeler_records(c: WorldModelsConfig) -> list[dict]:

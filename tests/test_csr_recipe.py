@@ -199,7 +199,7 @@ def test_real_checkpoint_path_on_small_data(tmp_path, micro_models):
     data.write_text("".join(json.dumps({"image": f"{s}.png", "question": "Describe this image in detail."}) + "\n"
                             for s in range(3)))
     base = ["--preset", "micro", "--model", str(micro_models.sft), "--clip", str(micro_models.clip),
-            "--images", str(images)]
+            "--images", str(images), "--ptx_coef", "0"]  # the world presets' ptx term needs --ptx_data here
 
     # bad input: named by file and line, raised before the output directory exists
     bad = tmp_path / "bad.jsonl"
@@ -225,3 +225,16 @@ def test_real_checkpoint_path_on_small_data(tmp_path, micro_models):
     assert len(records) == 3 and all(r["image"].endswith(".png") for r in records)
     assert (out / "iter1" / "model" / "complete").is_file()
     assert (out / "iter1" / "model" / "tokenizer.json").is_file()
+
+    # the ptx term replays SFT conversations (LLaVA's JSON) beside the pairs; without them, a clear error
+    with pytest.raises(ValueError, match="--ptx_data"):
+        csr.main(base + ["--data", str(data), "--out", str(tmp_path / "y"), "--ptx_coef", "1"])
+    broken = tmp_path / "sft_bad.json"
+    broken.write_text(json.dumps([{"image": "1.png", "conversations": [{"from": "human", "value": "Q"}]}]))
+    with pytest.raises(ValueError, match=r"sft_bad\.json record 0: the last message is a question"):
+        csr.main(base + ["--data", str(data), "--out", str(tmp_path / "y"), "--ptx_coef", "1", "--ptx_data", str(broken)])
+    assert not (tmp_path / "y").exists()
+    csr.main(base + ["--data", str(data), "--out", str(tmp_path / "ptx"), "--ptx_coef", "1", "--ptx_data",
+                     str(conversations)])
+    timings = json.loads((tmp_path / "ptx" / "iter1" / "timings.json").read_text())
+    assert timings["dpo"]["ptx_nll"] > 0  # the replayed conversation's answer NLL was in the loss

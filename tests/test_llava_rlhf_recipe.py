@@ -184,9 +184,16 @@ def test_micro_run_on_user_files(tmp_path):
     (tmp_path / "prefs.json").write_text(json.dumps(preferences))
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     (tmp_path / "captions.json").write_text(json.dumps(table))
+    # SFT conversations for the PPO-ptx term (the micro preset's ptx_coef is the world's, > 0)
+    (tmp_path / "sft.json").write_text(json.dumps([{"image": f"img{k}.png", "conversations": [
+        {"from": "human", "value": "<image>\nIs there a star in the image?"}, {"from": "gpt", "value": "No"}]}
+        for k in range(3)]))
     args = ["--preset", "micro", "--threads", "1", "--model", str(sft), "--data", str(tmp_path / "prompts.jsonl"), "--images",
             str(images), "--preferences", str(tmp_path / "prefs.json"), "--captions", str(tmp_path / "captions.json"),
             "--out", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match="needs --ptx_data"):
+        main(args[:-2] + ["--out", str(tmp_path / "no_ptx_data")])
+    args = args[:-2] + ["--ptx_data", str(tmp_path / "sft.json"), "--out", str(tmp_path / "run")]
     main(args)
     _check_summary(tmp_path / "run", evaluated=False)
 

@@ -19,13 +19,7 @@ from tests.tiny_tokenizer import tiny_llava_config, tiny_tokenizer
 IMAGE_TOKENS = 4  # tiny-llava: 28 px images in 14 px patches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (and the CI machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tiny_models():

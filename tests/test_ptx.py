@@ -15,12 +15,7 @@ from rewards.reward_model import RewardModel, value_model_from
 from tests.tiny_tokenizer import tiny_llava_config, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _load_image(seed):

@@ -27,7 +27,6 @@ from lvlm.image import preprocess_image
 from lvlm.tokenizer import Tokenizer, encode_conversation, pad_batch
 from optim import apply_lora, dpo_with_sft_loss, merge_lora, preference_metrics, sequence_logprobs
 from optim.train import TrainConfig, train
-from recipes._ptx import replay_indices
 
 
 class PreferencePairs:
@@ -67,7 +66,7 @@ class PreferencePairs:
     def __getitem__(self, index: int) -> dict:
         example = self.pair(index)
         if self.replay is not None:
-            example["replay"] = self.replay[replay_indices(index, 1, len(self.replay))[0]]
+            example["replay"] = self.replay[index % len(self.replay)]
         return example
 
     def pair(self, index: int) -> dict:

@@ -29,11 +29,12 @@ batch per optimizer step, its loss added to the minibatch's before the step.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import torch
 
-from recipes.sft import ConversationDataset, collate_sft, load_image_file, sft_loss
+from recipes.sft import ConversationDataset, collate_sft, load_image_file, load_llava_conversations, sft_loss
 
 
 def iteration_records(records: Sequence[dict], n: int, iteration: int) -> list[dict]:
@@ -42,6 +43,19 @@ def iteration_records(records: Sequence[dict], n: int, iteration: int) -> list[d
     if not records or n < 1 or iteration < 1:
         raise ValueError(f"iteration_records: need records, n >= 1 and iteration >= 1 (n={n}, iteration={iteration})")
     return [records[((iteration - 1) * n + i) % len(records)] for i in range(n)]
+
+
+def replay_source(n: int, *, world=None, ptx_data: str | None = None,
+                  images: str | None = None) -> Callable[[int], list[dict]]:
+    """Iteration t -> its ``n`` replay conversations: on the world (``world``, a ``WorldModelsConfig``) its
+    SFT conversations without their descriptions (``world_replay_records``), else those of ``ptx_data``
+    (LLaVA's conversation JSON, images under ``images``, every record checked now); the t-th window of
+    ``n`` in both cases, wrapping around."""
+    if world is not None:
+        from recipes.world_models import world_replay_records
+
+        return lambda t: world_replay_records(world, n, start=(t - 1) * n)
+    return functools.partial(iteration_records, load_llava_conversations(ptx_data, images), n)
 
 
 def replay_dataset(records: Sequence[dict], tokenizer, model, load_image=None) -> ConversationDataset:

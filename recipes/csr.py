@@ -73,9 +73,8 @@ from optim.train import TrainConfig  # noqa: E402
 from recipes._common import (Progress, add_config_arguments, config_from_args, config_to_dict,  # noqa: E402
                              print_config, set_cpu_threads)
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
-from recipes._ptx import iteration_records, replay_dataset  # noqa: E402
+from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
-from recipes.sft import load_llava_conversations  # noqa: E402
 from rewards.calibrated import rank_path_score  # noqa: E402
 from rewards.csr_scorer import CalibratedScorer  # noqa: E402
 from search.sampling_ops import mix_seeds  # noqa: E402
@@ -303,12 +302,7 @@ def resolve_inputs(config: CSRConfig) -> Inputs:
         preset = WORLD_PRESETS[config.world_preset]
         models = ensure_world_models(preset)  # trained now if not cached
         world = preset.world
-        replay = None
-        if config.ptx_coef > 0:
-            from recipes.world_models import world_replay_records
-
-            def replay(t: int) -> list[dict]:
-                return world_replay_records(preset, config.ptx_examples, start=(t - 1) * config.ptx_examples)
+        replay = replay_source(config.ptx_examples, world=preset) if config.ptx_coef > 0 else None
         return Inputs(model=models.sft, clip=models.reward_clip,
                       prompts=functools.partial(world_prompts, world, config.n_prompts),
                       load_image=functools.partial(render_world_image, world),
@@ -333,8 +327,7 @@ def resolve_inputs(config: CSRConfig) -> Inputs:
     if config.ptx_coef > 0:
         if config.ptx_data is None:
             raise ValueError("--ptx_coef > 0 on real checkpoints needs --ptx_data (SFT conversations, LLaVA's JSON)")
-        replay_records = load_llava_conversations(config.ptx_data, config.images)
-        replay = functools.partial(iteration_records, replay_records, config.ptx_examples)
+        replay = replay_source(config.ptx_examples, ptx_data=config.ptx_data, images=config.images)
     eval_set, note = None, "no --eval_annotations/--eval_image_dir given: iterations are not evaluated"
     if config.eval_annotations is not None:
         if config.eval_image_dir is None:
@@ -510,7 +503,7 @@ def dpo_update(model, pairs: list[dict], tokenizer: Tokenizer, load_image: Calla
                                bf16=config.bf16, seed=config.seed, log_every=10.0)
     lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     result = train_dpo(model, dataset, train_config, beta=config.beta, loss_type=config.loss_type,
-                       w_sft=config.w_sft, ptx_coef=config.ptx_coef if replay else 0.0, lora=lora)
+                       w_sft=config.w_sft, ptx_coef=config.ptx_coef, lora=lora)
     model.requires_grad_(False)
     model.eval()
     return {k: float(v) for k, v in result.metrics.items()}

@@ -997,7 +997,7 @@ def run_ppo(policy, reference, value_model, reward_model: RewardModel, tokenizer
                                       value_clip_eps=config.value_clip_eps, vf_coef=config.vf_coef,
                                       grad_clip=config.grad_clip, joint_clip=config.joint_grad_clip,
                                       lr_at_step=schedule, step=step, seed=config.seed,
-                                      ptx_coef=config.ptx_coef if replay_at else 0.0, replay_batch=replay_at)
+                                      ptx_coef=config.ptx_coef, replay_batch=replay_at)
             log(progress_line(it, r, step, total_steps, rollout, records, update, config, time.time() - started))
         save_policy(policy, directory / "model", sources.sft_dir)
         if is_main_process():

@@ -88,10 +88,9 @@ from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
-from recipes._ptx import iteration_records, replay_dataset  # noqa: E402
+from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import (collect, format_table, mark_done, model_done, open_run,  # noqa: E402
                           write_summary)
-from recipes.sft import load_llava_conversations  # noqa: E402
 from rewards.claims import (claim_to_question, claims_to_questions_with_model_batch, labeler_prompt,  # noqa: E402
                             split_claims, split_claims_with_model_batch, without_labeler_suffix, yes_no_answer)
 from rewards.labeler import (answer_token_id, claim_accepted, label_questions, rejected_per_response,  # noqa: E402
@@ -583,12 +582,7 @@ def resolve_inputs(config: RLAIFVConfig) -> Inputs:
         instructions = world_instructions(preset.world, config.iterations * config.instructions_per_iteration,
                                           offset=config.instruction_offset, yes_no_share=config.yes_no_share)
         models = ensure_world_models(preset)
-        replay = None
-        if config.ptx_coef > 0:
-            from recipes.world_models import world_replay_records
-
-            def replay(t: int) -> list[dict]:
-                return world_replay_records(preset, config.ptx_examples, start=(t - 1) * config.ptx_examples)
+        replay = replay_source(config.ptx_examples, world=preset) if config.ptx_coef > 0 else None
         return Inputs(sft=Path(models.sft), labeler=Path(models.labeler), instructions=instructions,
                       load_image=functools.partial(render_world_image, preset.world),
                       eval_set=evaluation_set(config, preset.world), world=preset.world, replay=replay)
@@ -599,10 +593,8 @@ def resolve_inputs(config: RLAIFVConfig) -> Inputs:
         if directory is not None and not (Path(directory) / "config.json").is_file():
             raise FileNotFoundError(f"--{name} {directory}: no config.json there (a Hugging Face LLaVA directory)")
     instructions = load_instructions(config.data, config.images)  # every record and image checked now
-    replay = None
-    if config.ptx_coef > 0:
-        replay = functools.partial(iteration_records, load_llava_conversations(config.ptx_data, config.images),
-                                   config.ptx_examples)
+    replay = (replay_source(config.ptx_examples, ptx_data=config.ptx_data, images=config.images)
+              if config.ptx_coef > 0 else None)
     return Inputs(sft=Path(config.model), labeler=Path(config.labeler or config.model), instructions=instructions,
                   load_image=load_image_file, eval_set=evaluation_set(config, None), replay=replay)
 
@@ -771,7 +763,7 @@ def main(argv=None) -> dict:
             lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout) if config.lora else None
             result = train_dpo(policy, dataset, train_config, beta=config.beta, loss_type=config.loss_type,
                                label_smoothing=config.label_smoothing, w_sft=config.w_sft,
-                               ptx_coef=config.ptx_coef if replay is not None else 0.0, lora=lora)
+                               ptx_coef=config.ptx_coef, lora=lora)
             _print(f"[iter {t}] DPO: {result.step} steps on {len(dataset)} pairs, last loss "
                    f"{result.metrics.get('loss', float('nan')):.4f}")
         policy.eval()

@@ -142,7 +142,8 @@ class ConversationDataset:
     Building the dataset encodes every record once (``check=True``) so that a malformed record fails
     here, before any training; examples are encoded again, and images loaded, on access -- or, with
     ``keep_encoded``, the check's encodings are kept (about 9 bytes a token: right for the world's
-    datasets of a few million tokens, not for LLaVA's 665k conversations).
+    datasets of a few million tokens, not for LLaVA's 665k conversations). The check keeps every
+    example's token count (``length``, for ``TrainConfig.group_by_length``).
     """
 
     def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, *, image_size: int, image_tokens_per_image: int,
@@ -163,15 +164,21 @@ class ConversationDataset:
             raise ValueError("ConversationDataset: no records")
         if keep_encoded and not check:
             raise ValueError("ConversationDataset: keep_encoded keeps the check's encodings; it needs check=True")
-        self.encoded = None
+        self.encoded, self.lengths = None, None
         if keep_encoded:  # the check, kept
             self.encoded = [self._encode(record) for record in self.records]
-        elif check:  # each encoding dropped at once: real data sets are too large to hold
-            for record in self.records:
-                self._encode(record)
+            self.lengths = [len(e["input_ids"]) for e in self.encoded]
+        elif check:  # each encoding dropped at once (real data sets are too large to hold), its length kept
+            self.lengths = [len(self._encode(record)["input_ids"]) for record in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def length(self, index: int) -> int:
+        """Example ``index``'s token count (image tokens included), as the check measured it."""
+        if self.lengths is None:
+            raise ValueError("ConversationDataset.length needs the encoding check (check=True)")
+        return self.lengths[index]
 
     def _encode(self, record: dict) -> dict:
         where = record.get("where", "record")
@@ -336,6 +343,7 @@ class SFTConfig:
     max_steps: int | None = None
     global_batch_size: int = 128
     micro_batch_size: int = 16
+    group_by_length: bool = True  # micro-batches of similar length (TrainConfig.group_by_length): same step, less padding
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_length: int = 2048
@@ -401,7 +409,8 @@ def main(argv=None) -> None:
     out = Path(config.out)
     train_config = TrainConfig(out_dir=str(out / "train"), lr=config.lr, epochs=config.epochs,
                                max_steps=config.max_steps, global_batch_size=config.global_batch_size,
-                               micro_batch_size=config.micro_batch_size, warmup_ratio=config.warmup_ratio,
+                               micro_batch_size=config.micro_batch_size, group_by_length=config.group_by_length,
+                               warmup_ratio=config.warmup_ratio,
                                weight_decay=config.weight_decay, bf16=config.bf16, save_every=config.save_every,
                                activation_checkpointing=config.activation_checkpointing, seed=config.seed)
     result = train_sft(model, dataset, train_config)

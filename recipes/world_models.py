@@ -112,7 +112,7 @@ from optim.logprobs import sequence_logprobs  # noqa: E402
 from optim.train import TrainConfig, train  # noqa: E402
 from recipes.sft import ConversationDataset, set_trainable, train_sft  # noqa: E402
 
-FORMAT_VERSION = 4  # bump when the build changes in a way the config does not show
+FORMAT_VERSION = 5  # bump when the build changes in a way the config does not show
 CACHE_ENV = "LVLM_CACHE"
 
 # The CLIP text tower pools at its end-of-text token: ``lvlm.clip`` (like Hugging Face) takes the first
@@ -168,7 +168,12 @@ class WorldModelsConfig:
     lvlm_max_positions: int = 512
     # training
     train_scenes: int = 8000  # the training-split scenes every stage draws from (images kept preprocessed)
-    micro_batch: int = 32
+    # The LVLM stages cut each batch of 32 into micro-batches of this many conversations of similar length
+    # (``TrainConfig.group_by_length``; the same step, per-example mean losses). One step, 2 threads of an AMD
+    # EPYC (Zen 3), 1 x 32 / 2 x 16 (``recipes/bench_world_step.py``): SFT ~650 / ~480 ms, grounding ~290 /
+    # ~225 ms, stage 1 ~430 / ~370 ms, labeler ~390 / ~340 ms (less padding: SFT rows are 1.29x their real
+    # length padded 32 together, 1.13x by 16; and the smaller activations stay in cache).
+    micro_batch: int = 16
     warmup_ratio: float = 0.05
     clip_steps: int = 500
     clip_batch: int = 128
@@ -185,6 +190,10 @@ class WorldModelsConfig:
     clip_sign_positive_share: float = 0.8  # the weight of its positives (the hard negatives get the rest)
     clip_single_object_share: float = 0.5  # share of CLIP's images drawn from one-object scenes
     clip_hf_init: bool = False  # Hugging Face's initialisation; False: PyTorch's defaults (trained faster here)
+    # The text tower runs each batch's ~900 texts in this many groups of similar length (``clip_loss``): one CLIP
+    # step, 2 threads of an AMD EPYC (Zen 3), 288 ms in one group, 205 ms in four (``lvlm.clip.attention``'s
+    # written-out form for short texts took it from 365 ms to 288 ms before).
+    clip_text_length_groups: int = 4
     # CSR's reward CLIP (R_I), a second CLIP of the same size trained with the sign term, so that its clipped
     # score max(100 cos, 0) is 0 for a sentence about an absent object (``reward_clip_config``).
     # reward_clip_steps 0: no second CLIP, CSR scores with the first one. The SFT model's made-up sentences
@@ -606,7 +615,7 @@ def collate_clip(examples: list, *, pad_id: int = CLIP_EOS_ID) -> dict:
 
 
 def clip_loss(model, batch: dict, *, sign_weight: float = 0.0, sign_scale: float | None = None,
-              sign_positive_share: float = 0.5) -> tuple[torch.Tensor, dict]:
+              sign_positive_share: float = 0.5, text_length_groups: int = 1) -> tuple[torch.Tensor, dict]:
     """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3) with hard negative texts (NegCLIP), plus an
     optional sign term.
 
@@ -628,10 +637,13 @@ def clip_loss(model, batch: dict, *, sign_weight: float = 0.0, sign_scale: float
     score and fewer false ones fall below 0 (the trade-off is measured at ``reward_clip_steps``).
     (A fixed scale of 100 from the first step collapsed the training: every cosine went negative.)
 
+    ``text_length_groups``: the text tower runs its rows in that many groups of similar length
+    (``CLIPTextTransformer.forward``): the same logits, less padding computed.
+
     Metrics: image -> text top-1 accuracy, the temperature, and (with negatives) the share of hard
     negatives with a negative cosine.
     """
-    logits = model(batch["input_ids"], batch["pixel_values"])  # [B images, B + N texts]
+    logits = model(batch["input_ids"], batch["pixel_values"], length_groups=text_length_groups)  # [B, B + N]
     B = logits.shape[0]
     target = torch.arange(B, device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :B].T, target))
@@ -1057,9 +1069,10 @@ def _log(verbose: bool, *parts) -> None:
 
 
 def _train_config(c: WorldModelsConfig, out_dir: Path, *, steps: int, batch: int, lr: float, verbose: bool,
-                  micro_batch: int | None = None, bf16: bool = False) -> TrainConfig:
+                  micro_batch: int | None = None, bf16: bool = False, group_by_length: bool = False) -> TrainConfig:
     return TrainConfig(out_dir=str(out_dir), lr=lr, max_steps=steps, global_batch_size=batch,
-                       micro_batch_size=micro_batch or min(c.micro_batch, batch), warmup_ratio=c.warmup_ratio,
+                       micro_batch_size=micro_batch or min(c.micro_batch, batch), group_by_length=group_by_length,
+                       warmup_ratio=c.warmup_ratio,
                        weight_decay=0.0, cpu_bf16=bf16,
                        grad_clip=1.0, save_every=c.save_every, seed=c.seed,
                        log_every=15.0 if verbose else float("inf"))
@@ -1099,7 +1112,7 @@ def _lvlm_stage(c: WorldModelsConfig, name: str, start, records_fn, tokenizer: T
     _log(verbose, f"[{name}] {len(dataset)} conversations, {steps} steps x {batch}, {n:,} trainable parameters")
     with attention_in_float32(model, c.lvlm_float32_attention):  # only acts under the bfloat16 autocast
         train_sft(model, dataset, _train_config(c, root / "train" / name, steps=steps, batch=batch, lr=lr,
-                                                verbose=verbose, bf16=c.lvlm_bf16))
+                                                verbose=verbose, bf16=c.lvlm_bf16, group_by_length=True))
     model.requires_grad_(False)
     model.eval()
     _save(model, out, tokenizer_text, save_lvlm)
@@ -1181,7 +1194,8 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
         pairs = ClipPairs(cc, clip_raw, cc.clip_steps * cc.clip_batch, pixels)
         train(model, pairs,
               functools.partial(clip_loss, sign_weight=cc.clip_sign_weight, sign_scale=cc.clip_sign_scale,
-                                sign_positive_share=cc.clip_sign_positive_share),
+                                sign_positive_share=cc.clip_sign_positive_share,
+                                text_length_groups=cc.clip_text_length_groups),
               _train_config(cc, root / "train" / name, steps=cc.clip_steps, batch=cc.clip_batch, lr=cc.clip_lr,
                             verbose=verbose, micro_batch=cc.clip_batch),  # contrast the whole batch at once
               collate_fn=pairs.collate)

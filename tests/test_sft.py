@@ -228,6 +228,10 @@ def test_conversation_dataset_keep_encoded_gives_the_same_examples(tiny_checkpoi
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["assistant_mask"], b["assistant_mask"])
         assert (a["pixel_values"] is None) == (b["pixel_values"] is None)
     assert kept[0]["pixel_values"] is not None and "pixel_values" not in kept.encoded[0]  # images stay unkept
+    for dataset in (plain, kept):  # the token counts group_by_length sorts by
+        assert [dataset.length(i) for i in range(2)] == [len(plain[i]["input_ids"]) for i in range(2)]
+    with pytest.raises(ValueError, match="check"):
+        sft.ConversationDataset(records, tokenizer, check=False, **kw).length(0)
     with pytest.raises(ValueError, match="keep_encoded"):
         sft.ConversationDataset(records, tokenizer, keep_encoded=True, check=False, **kw)
 

@@ -158,6 +158,54 @@ def test_bad_configs_raise_clear_errors(tmp_path):
         train(frozen, make_dataset(), sft_loss, TrainConfig(out_dir=str(tmp_path), global_batch_size=4))
 
 
+class _WithLengths(list):
+    """``make_dataset`` examples with ``length(i)``: the count of real (unpadded) tokens."""
+
+    def length(self, index):
+        return int(self[index]["mask"].sum())
+
+
+def _collate_to_longest(examples):
+    """Stack, cutting the padding to the micro-batch's longest example (as the real collates pad)."""
+    longest = max(int(e["mask"].sum()) for e in examples)
+    return {k: torch.stack([e[k][:longest] for e in examples]) for k in ("input_ids", "mask")}
+
+
+def test_group_by_length_makes_the_same_steps_with_less_padding(tmp_path):
+    widths = {False: [], True: []}
+
+    def loss_fn(group):
+        def fn(model, batch):
+            widths[group].append(batch["input_ids"].shape[1])
+            return sft_loss(model, batch)
+        return fn
+
+    dataset = _WithLengths(make_dataset(48))
+    trained = {}
+    for group in (False, True):
+        model = make_model()
+        config = TrainConfig(out_dir=str(tmp_path / str(group)), lr=3e-3, max_steps=4, global_batch_size=8,
+                             micro_batch_size=2, group_by_length=group, log_every=1e9)
+        train(model, dataset, loss_fn(group), config, collate_fn=_collate_to_longest)
+        trained[group] = params(model)
+    # Per-example mean losses: the same 8 examples make the same step however they are cut.
+    assert_same(trained[True], trained[False], atol=1e-5)
+    moved = max((trained[True][k] - make_model().state_dict()[k]).abs().max() for k in trained[True])
+    assert moved > 1e-3
+    for a, b in zip(read_metrics(tmp_path / "True"), read_metrics(tmp_path / "False")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["tokens"] == b["tokens"]
+    # Grouped, each step's 4 micro-batches come shortest first, and pad less in all.
+    for step in range(4):
+        grouped = widths[True][4 * step:4 * step + 4]
+        assert grouped == sorted(grouped)
+    assert sum(widths[True]) < sum(widths[False])
+
+    with pytest.raises(ValueError, match="length"):
+        train(make_model(), make_dataset(48), sft_loss,
+              TrainConfig(out_dir=str(tmp_path / "no-lengths"), global_batch_size=8, micro_batch_size=2,
+                          group_by_length=True))
+
+
 def test_two_processes_match_one_process(tmp_path):
     """torchrun x2 (Gloo, CPU), micro 1 x accumulation 2 per rank, with DDP and with FSDP2, against one
     process with micro 2 x accumulation 2: the same global batches, so the same parameters."""

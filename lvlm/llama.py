@@ -20,6 +20,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import LlamaConfig
 from .kv_cache import KVCache
@@ -63,16 +64,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, *,
                      float32: bool = False) -> torch.Tensor:
-    """Causal scaled dot-product attention over whole sequences: q [B, H, T, Dh], k, v [B, Hkv, T, Dh].
+    """Causal scaled dot-product attention: q [B, H, Tq, Dh], k, v [B, Hkv, Tk, Dh], Tq <= Tk.
+
+    The queries are the last Tq of the Tk positions: query i sits at position Tk - Tq + i and sees keys
+    0 .. Tk - Tq + i (the causal mask aligned at the lower right; Tq == Tk is the usual one). Tq < Tk
+    is a row's own positions after a shared prefix whose keys come first (``hidden_states``).
 
     ``float32``: under bfloat16 autocast, compute it in float32 instead (the output is float32). On CPU
     that is faster at the world's sizes: PyTorch's CPU flash-attention backward takes about twice as
     long in bfloat16 (T ~100-250, Dh 32; ``recipes/bench_world_step.py``).
     """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    mask = {"is_causal": True} if Tq == Tk else {"attn_mask": causal_lower_right(Tq, Tk)}
     if float32 and torch.is_autocast_enabled(q.device.type):
         with torch.autocast(q.device.type, enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=gqa, **mask)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)
 
 
 @contextlib.contextmanager
@@ -104,24 +111,33 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
         self.float32_attention = False
 
+    def project(self, x, cos, sin):
+        """x [B, T, D] -> q [B, H, T, Dh], k, v [B, Hkv, T, Dh], with RoPE applied to q and k."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v):
+        """Causal attention (``causal_attention``) of q [B, H, T, Dh] over k, v, then the output projection."""
+        B, _, T, _ = q.shape
+        out = causal_attention(q, k, v, self.n_kv != self.n_heads, float32=self.float32_attention)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
     def forward(self, x, cos, sin, *, cache: KVCache | None = None, layer: int = 0,
                 positions: torch.Tensor | None = None, attend_len: int | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv != self.n_heads
+        q, k, v = self.project(x, cos, sin)
         if cache is None:
-            out = causal_attention(q, k, v, gqa, float32=self.float32_attention)
-        else:
-            cache.write(layer, k, v, positions)
-            S = attend_len or cache.max_seq
-            keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # [B, Hkv, S, Dh]
-            # Query t of row b sees cache positions 0 .. positions[b, t] (its prefix and itself).
-            visible = torch.arange(S, device=x.device) <= positions[:, :, None]  # [B, T, S]
-            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
-                                                 attn_mask=visible[:, None], enable_gqa=gqa)
+            return self.attend(q, k, v)
+        cache.write(layer, k, v, positions)
+        S = attend_len or cache.max_seq
+        keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # [B, Hkv, S, Dh]
+        # Query t of row b sees cache positions 0 .. positions[b, t] (its prefix and itself).
+        visible = torch.arange(S, device=x.device) <= positions[:, :, None]  # [B, T, S]
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                             attn_mask=visible[:, None], enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -150,6 +166,21 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, **cache_args)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_shared_prefix(self, prefix, x, cos, sin):
+        """The layer over a prefix that every row shares, ``prefix`` [1, P, D], and each row's own positions
+        after it, ``x`` [B, T - P, D]; RoPE ``cos``/``sin`` [1, T, Dh] for all T positions. The prefix is
+        computed once and its keys and values are seen by every row: what ``forward`` gives on the whole
+        [B, T, D] batch, with (B - 1) x P positions fewer computed. Returns (prefix, x) after the layer."""
+        P = prefix.shape[1]
+        attention = self.self_attn
+        q_prefix, k_prefix, v_prefix = attention.project(self.input_layernorm(prefix), cos[:, :P], sin[:, :P])
+        q, k, v = attention.project(self.input_layernorm(x), cos[:, P:], sin[:, P:])
+        rows = (x.shape[0], -1, -1, -1)
+        k, v = torch.cat([k_prefix.expand(rows), k], dim=2), torch.cat([v_prefix.expand(rows), v], dim=2)
+        prefix = prefix + attention.attend(q_prefix, k_prefix, v_prefix)
+        x = x + attention.attend(q, k, v)  # [B, T - P] queries over [B, T] keys, lower-right causal
+        return prefix + self.mlp(self.post_attention_layernorm(prefix)), x + self.mlp(self.post_attention_layernorm(x))
+
 
 class LlamaModel(nn.Module):
     """Embeddings, the decoder layers and the final norm (HF ``LlamaModel``)."""
@@ -176,14 +207,31 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states ``[B, T, hidden]`` of a whole sequence, causal, no cache."""
+    def hidden_states(self, inputs_embeds: torch.Tensor, *, shared_prefix: int = 0) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, hidden]`` of a whole sequence, causal, no cache.
+
+        ``shared_prefix`` P > 0: the first P positions of ``inputs_embeds`` are the same in every row (a
+        system prompt); they run once, as a batch of one, and every row attends to their keys and values
+        (``DecoderLayer.forward_shared_prefix``). The result is the same; the prefix's states are copied
+        into every row of it. Training saves (B - 1) x P positions of every layer, forward and backward
+        (the vicuna_v1 system prompt is 32 of the built-in world's 110-180 tokens a conversation).
+        """
         B, T, _ = inputs_embeds.shape
-        positions = torch.arange(T, device=inputs_embeds.device).expand(B, T)
+        positions = torch.arange(T, device=inputs_embeds.device)[None]  # [1, T]: the same for every row
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        checkpointing = self.gradient_checkpointing and self.training
+        if 0 < shared_prefix < T and B > 1:
+            prefix, x = inputs_embeds[:1, :shared_prefix], inputs_embeds[:, shared_prefix:]
+            for layer in self.model.layers:
+                if checkpointing:
+                    prefix, x = torch.utils.checkpoint.checkpoint(layer.forward_shared_prefix, prefix, x, cos, sin,
+                                                                  use_reentrant=False)
+                else:
+                    prefix, x = layer.forward_shared_prefix(prefix, x, cos, sin)
+            return self.model.norm(torch.cat([prefix.expand(B, -1, -1), x], dim=1))
         x = inputs_embeds
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+            if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)

@@ -39,6 +39,13 @@ class MultiModalProjector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 
+def shared_prefix_length(input_ids: torch.Tensor, image_token_id: int) -> int:
+    """How many leading positions hold the same token in every row of ``input_ids`` [B, T], stopping at
+    the first image token (image features differ between rows). One host sync."""
+    differs = (input_ids != input_ids[:1]).any(0) | (input_ids[0] == image_token_id)  # [T]
+    return int(differs.int().argmax()) if bool(differs.any()) else input_ids.shape[1]
+
+
 class LlavaForConditionalGeneration(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
@@ -79,24 +86,28 @@ class LlavaForConditionalGeneration(nn.Module):
     # -- the three entry points -------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, share_prefix: bool = False) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` for whole right-padded sequences (causal, no cache).
 
         ``logits_at`` ([B, T] bool): only those positions' logits, ``[N, vocab]`` in row-major order --
         a loss that scores a few tokens of each sequence skips the vocabulary projection (and its
-        backward) everywhere else.
+        backward) everywhere else. ``share_prefix``: the tokens every row starts with (the system
+        prompt, up to the first image token) run once for the whole batch (``shared_prefix_length``,
+        ``LlamaForCausalLM.hidden_states``); the logits are the same.
         """
+        hidden = self.hidden_states(input_ids, pixel_values, share_prefix=share_prefix)  # [B, T, D]
         if logits_at is None:
-            return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values))
+            return self.language_model.lm_head(hidden)
         if logits_at.shape != input_ids.shape or logits_at.dtype != torch.bool:
             raise ValueError(f"logits_at must be a bool tensor of the input's shape {tuple(input_ids.shape)}, "
                              f"got {logits_at.dtype} {tuple(logits_at.shape)}")
-        hidden = self.language_model.hidden_states(self.embed(input_ids, pixel_values))  # [B, T, D]
         return self.language_model.lm_head(hidden[logits_at])  # [N, vocab]
 
-    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                      share_prefix: bool = False) -> torch.Tensor:
         """Final-normed hidden states ``[B, T, hidden]`` (a scalar head reads these: reward/value models)."""
-        return self.language_model.hidden_states(self.embed(input_ids, pixel_values))
+        prefix = shared_prefix_length(input_ids, self.config.image_token_index) if share_prefix else 0
+        return self.language_model.hidden_states(self.embed(input_ids, pixel_values), shared_prefix=prefix)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
                 pixel_values: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,21 +1,22 @@
-"""Benchmark one training step of the world's LVLM stages in the build's precisions, side by side.
+"""Benchmark one training step of the world's LVLM stages, the build's way against the others, side by side.
 
-    python recipes/bench_world_step.py                 # stage 0 (grounding) and SFT, 2 threads
-    python recipes/bench_world_step.py --threads 1 --steps 10
+    python recipes/bench_world_step.py                 # stages 0 (grounding) and SFT, 2 threads
+    python recipes/bench_world_step.py --threads 1 --steps 10 --variants plain build
 
 ``recipes/world_models.py`` trains its LVLMs on the CPU; this times what one of its optimizer steps
-costs (batch 32, the stage's own conversations, forward + backward + AdamW, data included), three ways
-in one run:
+costs (batch 32, the stage's own conversations, forward + backward + AdamW, data included), in one
+run for every variant, on the same batches:
 
-- ``float32``: no autocast;
-- ``bf16, bf16 attention``: bfloat16 autocast everywhere, attention included -- the build's setting
-  (``WorldModelsConfig.lvlm_bf16``);
-- ``bf16, fp32 attention``: bfloat16 autocast with the attention computed in float32
-  (``lvlm.llama.causal_attention``, ``Attention.float32_attention``).
+- ``plain``: float32, the 32 conversations in one micro-batch, padded together;
+- ``by length``: 2 micro-batches of 16 of similar length (``TrainConfig.group_by_length``);
+- ``build``: by length, and the system prompt that starts every conversation computed once per
+  micro-batch (``sft_loss(share_prefix=True)``) -- the build's setting;
+- ``bf16``, ``bf16, fp32 attention``: plain under bfloat16 autocast (``WorldModelsConfig.lvlm_bf16``),
+  with the attention in bfloat16 or in float32 (``Attention.float32_attention``).
 
-On CPUs without bfloat16 instructions (AVX512-BF16 or AMX) the bfloat16 rows are slower, not faster.
-The model has random weights of the world's default size; the step's cost does not depend on them.
-The last line is one JSON object with every figure.
+Every variant computes the same step up to rounding. On CPUs without bfloat16 instructions (AVX512-BF16
+or AMX) the bfloat16 rows are much slower. The model has random weights of the world's default size;
+the step's cost does not depend on them. The last line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -42,20 +43,35 @@ from recipes.sft import ConversationDataset, set_trainable, sft_collate_for, sft
 STAGES = {"grounding": (wm.world_grounding_records, "text"), "sft": (wm.world_sft_records, "assistant")}
 
 
-def step_seconds(model, batches, *, bf16: bool, fp32_attention: bool) -> float:
-    """Mean seconds of one optimizer step over ``batches`` (after two warm-up steps)."""
+# name -> (bfloat16 autocast, float32 attention under it, micro-batches by length (0: one, unsorted), share prefix)
+VARIANTS = {"plain": (False, False, 0, False), "by length": (False, False, 2, False), "build": (False, False, 2, True),
+            "bf16": (True, False, 0, False), "bf16, fp32 attention": (True, True, 0, False)}
+
+
+def micro_batches(dataset, collate, rows: range, parts: int) -> list:
+    """One step's micro-batches: ``rows`` as one batch (``parts`` 0), or sorted by length and cut in ``parts``."""
+    if parts == 0:
+        return [collate([dataset[j] for j in rows])]
+    ordered = sorted(rows, key=dataset.length)
+    size = len(ordered) // parts
+    return [collate([dataset[j] for j in ordered[i * size:(i + 1) * size]]) for i in range(parts)]
+
+
+def step_seconds(model, steps, *, bf16: bool, fp32_attention: bool, share_prefix: bool) -> float:
+    """Mean seconds of one optimizer step over ``steps`` (lists of micro-batches; after two warm-up steps)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     with attention_in_float32(model, fp32_attention):
-        for i, batch in enumerate(batches):
+        for i, micro in enumerate(steps):
             if i == 2:
                 started = time.perf_counter()
-            with autocast():
-                loss, _ = sft_loss(model, batch)
-            loss.backward()
+            for batch in micro:
+                with autocast():
+                    loss, _ = sft_loss(model, batch, share_prefix=share_prefix)
+                (loss / len(micro)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - started) / (len(batches) - 2)
+    return (time.perf_counter() - started) / (len(steps) - 2)
 
 
 def main(argv=None) -> dict:
@@ -63,6 +79,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 2 warm-up steps)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -78,10 +95,10 @@ def main(argv=None) -> dict:
     collate = sft_collate_for(model, tokenizer)
 
     n = args.steps + 2
-    variants = {"float32": (False, True), "bf16, bf16 attention": (True, False), "bf16, fp32 attention": (True, True)}
+    variants = {name: VARIANTS[name] for name in args.variants}
     results = {"threads": args.threads, "steps": args.steps}
     print(f"one optimizer step, batch 32, {args.threads} thread(s), {args.steps} timed steps each")
-    print(f"{'stage':<11}{'tokens/row':>11}  " + "".join(f"{name:>22}" for name in variants) + "   bf16 rows / float32")
+    print(f"{'stage':<11}{'tokens/row':>11}  " + "".join(f"{name:>22}" for name in variants) + "   each / the first")
     for stage in args.stages:
         records_fn, loss_on = STAGES[stage]
         small = dataclasses.replace(c, ground_steps=n, sft_steps=n)
@@ -89,14 +106,15 @@ def main(argv=None) -> dict:
                                       image_tokens_per_image=model.config.image_tokens_per_image,
                                       load_pixels=wm.WorldPixels(c.world), max_length=c.lvlm_max_positions,
                                       loss_on=loss_on, keep_encoded=True)
-        batches = [collate([dataset[j] for j in range(i * 32, (i + 1) * 32)]) for i in range(n)]
-        mean_tokens = sum(b["input_ids"].shape[1] for b in batches) / n
-        ms = {name: 1000 * step_seconds(model, batches, bf16=bf16, fp32_attention=fp32)
-              for name, (bf16, fp32) in variants.items()}
-        ratios = [ms[name] / ms["float32"] for name in list(variants)[1:]]
+        mean_tokens = sum(dataset.length(j) for j in range(32 * n)) / (32 * n)
+        ms = {}
+        for name, (bf16, fp32, parts, share) in variants.items():
+            steps = [micro_batches(dataset, collate, range(i * 32, (i + 1) * 32), parts) for i in range(n)]
+            ms[name] = 1000 * step_seconds(model, steps, bf16=bf16, fp32_attention=fp32, share_prefix=share)
+        first = next(iter(ms.values()))
         print(f"{stage:<11}{mean_tokens:>11.0f}  " + "".join(f"{v:>19.1f} ms" for v in ms.values())
-              + "   " + " / ".join(f"{r:.2f}x" for r in ratios))
-        results[stage] = {"padded_tokens_per_row": round(mean_tokens, 1), **{k: round(v, 1) for k, v in ms.items()}}
+              + "   " + " / ".join(f"{v / first:.2f}x" for v in ms.values()))
+        results[stage] = {"tokens_per_row": round(mean_tokens, 1), **{k: round(v, 1) for k, v in ms.items()}}
     print(json.dumps(results))
     return results
 

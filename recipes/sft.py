@@ -55,7 +55,7 @@ from optim.train import TrainConfig, TrainResult, train  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 
 
-def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+def sft_loss(model, batch: dict, *, share_prefix: bool = False) -> tuple[torch.Tensor, dict]:
     """Next-token cross-entropy on the assistant tokens (LLaVA's SFT objective).
 
     batch: ``input_ids`` [B, T] (right-padded), ``assistant_mask`` [B, T] bool (True on answer tokens
@@ -66,12 +66,16 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     cut into micro-batches). The released LLaVA code averages over all tokens of a micro-batch instead,
     which weighs long answers more. A row with no assistant token contributes 0.
 
+    ``share_prefix``: the system prompt that every row starts with runs once for the batch
+    (``LlavaForConditionalGeneration.forward``): the same loss, fewer positions computed.
+
     Returns (loss, metrics): ``tokens`` (assistant tokens scored) and ``token_accuracy`` (argmax hits).
     """
     ids, mask = batch["input_ids"], batch["assistant_mask"]
     labels, scored = ids[:, 1:], mask[:, 1:]  # [B, T - 1]: position t predicts token t + 1
     predicts_scored = F.pad(scored, (0, 1), value=False)  # [B, T]: the positions whose next token is scored
-    logits = model(ids, batch.get("pixel_values"), logits_at=predicts_scored)  # [N, V], N = scored tokens
+    logits = model(ids, batch.get("pixel_values"), logits_at=predicts_scored,
+                   share_prefix=share_prefix)  # [N, V], N = scored tokens
     targets = labels[scored]  # [N]
     token_logp = token_logprobs(logits[None], targets[None])[0]  # [N], float32
     per_token = torch.zeros(scored.shape, dtype=token_logp.dtype, device=ids.device).masked_scatter(scored, token_logp)
@@ -315,9 +319,11 @@ def sft_collate_for(model, tokenizer: Tokenizer):
                              image_tokens_per_image=config.image_tokens_per_image)
 
 
-def train_sft(model, dataset: ConversationDataset, config: TrainConfig) -> TrainResult:
-    """SFT of ``model`` in place with ``optim.train`` (any freezing is set beforehand, ``set_trainable``)."""
-    return train(model, dataset, sft_loss, config, collate_fn=sft_collate_for(model, dataset.tokenizer))
+def train_sft(model, dataset: ConversationDataset, config: TrainConfig, *, share_prefix: bool = False) -> TrainResult:
+    """SFT of ``model`` in place with ``optim.train`` (any freezing is set beforehand, ``set_trainable``);
+    ``share_prefix``: see ``sft_loss``."""
+    loss = functools.partial(sft_loss, share_prefix=True) if share_prefix else sft_loss
+    return train(model, dataset, loss, config, collate_fn=sft_collate_for(model, dataset.tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------

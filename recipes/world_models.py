@@ -293,7 +293,8 @@ class WorldModelsConfig:
     # because PyTorch's CPU flash-attention backward is slow in bfloat16 (T ~100-250, Dh 32: 101 ms
     # against 32 ms in float32 per layer at T 179). On a CPU without bfloat16 instructions it costs 2.80x /
     # 1.99x (Intel Xeon, Ice Lake; the build says so): there False builds in half the time (1,452 s
-    # against 2,944 s), SFT POPE 70.0% against 77.9% (docs/WORLD_BUILDS.md).
+    # against 2,944 s), SFT POPE 70.0% against 77.9% (docs/WORLD_BUILDS.md); on an AMD EPYC (Zen 3,
+    # AVX2 only) 9.4x / 13.0x. So it is off: of the four CPUs measured it saves time on one (0.90x).
     # ``lvlm_float32_attention`` computes the attention in float32 under the autocast
     # (``Attention.float32_attention``): 0.65x / 0.71x on the AMD EPYC, 0.78x / 0.85x on the Sapphire Rapids
     # Xeon, and the whole default build there took 1,224 s instead of 1,641 s. It is off because both builds
@@ -302,7 +303,7 @@ class WorldModelsConfig:
     # without it. The CLIPs train in float32: at their width (64) bfloat16 was slower (one core: 314
     # against 391 examples/s), and a build whose CLIPs trained in it (400 / 300 steps) gave SFT POPE
     # 59.8%, labeler 91.7%.
-    lvlm_bf16: bool = True
+    lvlm_bf16: bool = False
     lvlm_float32_attention: bool = False
     # measurements
     eval_images: int = 200
@@ -1112,7 +1113,8 @@ def _lvlm_stage(c: WorldModelsConfig, name: str, start, records_fn, tokenizer: T
     _log(verbose, f"[{name}] {len(dataset)} conversations, {steps} steps x {batch}, {n:,} trainable parameters")
     with attention_in_float32(model, c.lvlm_float32_attention):  # only acts under the bfloat16 autocast
         train_sft(model, dataset, _train_config(c, root / "train" / name, steps=steps, batch=batch, lr=lr,
-                                                verbose=verbose, bf16=c.lvlm_bf16, group_by_length=True))
+                                                verbose=verbose, bf16=c.lvlm_bf16, group_by_length=True),
+                  share_prefix=True)
     model.requires_grad_(False)
     model.eval()
     _save(model, out, tokenizer_text, save_lvlm)
@@ -1133,7 +1135,7 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
 
 def bf16_cost_note(config: WorldModelsConfig) -> str | None:
     """A warning when the LVLM stages would train under bfloat16 autocast on a CPU without bfloat16
-    instructions (AVX512-BF16 or AMX), where it costs 2-3x a float32 step (docs/BENCHMARKS.md); else None."""
+    instructions (AVX512-BF16 or AMX), where it costs 2-13x a float32 step (docs/BENCHMARKS.md); else None."""
     if not config.lvlm_bf16 or torch.cuda.is_available():
         return None
     try:
@@ -1143,7 +1145,7 @@ def bf16_cost_note(config: WorldModelsConfig) -> str | None:
     if native:
         return None
     return ("note: this CPU has no bfloat16 instructions (AVX512-BF16 / AMX); the LVLM stages' bfloat16 "
-            "autocast (lvlm_bf16) costs 2-3x a float32 step here. --lvlm_bf16 false builds faster, "
+            "autocast (lvlm_bf16) costs 2-13x a float32 step here. --lvlm_bf16 false builds faster, "
             "with a different cache key and different models.")
 
 

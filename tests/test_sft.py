@@ -22,7 +22,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(logits.clone())
 
-    def forward(self, input_ids, pixel_values=None, *, logits_at=None):
+    def forward(self, input_ids, pixel_values=None, *, logits_at=None, share_prefix=False):
         return self.logits if logits_at is None else self.logits[logits_at]
 
 

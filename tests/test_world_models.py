@@ -193,7 +193,7 @@ def test_clip_loss_matches_a_hand_computation():
             self.logits = torch.nn.Parameter(logits)
             self.logit_scale = torch.nn.Parameter(torch.tensor(0.0))
 
-        def forward(self, input_ids, pixel_values):
+        def forward(self, input_ids, pixel_values, length_groups=1):
             return self.logits
 
     # 2 images; texts: their 2 paired texts, then 1 hard negative

@@ -76,9 +76,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: boo
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     mask = {"is_causal": True} if Tq == Tk else {"attn_mask": causal_lower_right(Tq, Tk)}
-    if float32 and torch.is_autocast_enabled(q.device.type):
-        with torch.autocast(q.device.type, enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=gqa, **mask)
+    if torch.is_autocast_enabled(q.device.type):
+        if float32:
+            with torch.autocast(q.device.type, enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=gqa, **mask)
+        if Tq != Tk:  # the mask object bypasses autocast's casts: make them here
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)
 
 

@@ -1,18 +1,19 @@
 """Benchmark one training step of the world's LVLM stages, the build's way against the others, side by side.
 
     python recipes/bench_world_step.py                 # stages 0 (grounding) and SFT, 2 threads
-    python recipes/bench_world_step.py --threads 1 --steps 10 --variants plain build
+    python recipes/bench_world_step.py --threads 1 --steps 10 --variants float32 "bf16 (build)"
 
 ``recipes/world_models.py`` trains its LVLMs on the CPU; this times what one of its optimizer steps
 costs (batch 32, the stage's own conversations, forward + backward + AdamW, data included), in one
 run for every variant, on the same batches:
 
-- ``plain``: float32, the 32 conversations in one micro-batch, padded together;
-- ``by length``: 2 micro-batches of 16 of similar length (``TrainConfig.group_by_length``);
-- ``build``: by length, and the system prompt that starts every conversation computed once per
-  micro-batch (``sft_loss(share_prefix=True)``) -- the build's setting;
-- ``bf16``, ``bf16, fp32 attention``: plain under bfloat16 autocast (``WorldModelsConfig.lvlm_bf16``),
-  with the attention in bfloat16 or in float32 (``Attention.float32_attention``).
+- ``float32``: no autocast, the 32 conversations in one micro-batch, padded together;
+- ``by length``: float32, 2 micro-batches of 16 of similar length (``TrainConfig.group_by_length``);
+- ``by length+prefix``: and the system prompt that starts every conversation computed once per
+  micro-batch (``sft_loss(share_prefix=True)``);
+- ``bf16``: the first under bfloat16 autocast (``WorldModelsConfig.lvlm_bf16``);
+- ``bf16 (build)``: the third under bfloat16 autocast -- the build's setting;
+- ``bf16, fp32 attn``: ``bf16`` with the attention in float32 (``Attention.float32_attention``).
 
 Every variant computes the same step up to rounding. On CPUs without bfloat16 instructions (AVX512-BF16
 or AMX) the bfloat16 rows are much slower. The model has random weights of the world's default size;
@@ -44,8 +45,9 @@ STAGES = {"grounding": (wm.world_grounding_records, "text"), "sft": (wm.world_sf
 
 
 # name -> (bfloat16 autocast, float32 attention under it, micro-batches by length (0: one, unsorted), share prefix)
-VARIANTS = {"plain": (False, False, 0, False), "by length": (False, False, 2, False), "build": (False, False, 2, True),
-            "bf16": (True, False, 0, False), "bf16, fp32 attention": (True, True, 0, False)}
+VARIANTS = {"float32": (False, False, 0, False), "by length": (False, False, 2, False),
+            "by length+prefix": (False, False, 2, True), "bf16": (True, False, 0, False),
+            "bf16 (build)": (True, False, 2, True), "bf16, fp32 attn": (True, True, 0, False)}
 
 
 def micro_batches(dataset, collate, rows: range, parts: int) -> list:

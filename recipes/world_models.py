@@ -294,16 +294,20 @@ class WorldModelsConfig:
     # against 32 ms in float32 per layer at T 179). On a CPU without bfloat16 instructions it costs 2.80x /
     # 1.99x (Intel Xeon, Ice Lake; the build says so): there False builds in half the time (1,452 s
     # against 2,944 s), SFT POPE 70.0% against 77.9% (docs/WORLD_BUILDS.md); on an AMD EPYC (Zen 3,
-    # AVX2 only) 9.4x / 13.0x. So it is off: of the four CPUs measured it saves time on one (0.90x).
+    # AVX2 only) 9.4x / 13.0x. It stays on anyway: the float32 builds learn the yes/no answers worse.
+    # Float32 builds of this chain: SFT POPE 70.0% (labeler 97.1%) on the Ice Lake machine; 60.3%
+    # (labeler 88.8%, yes-ratio 78%) on the AMD EPYC (Zen 3), 1,176 s, and with 900 SFT steps from its
+    # stage-1 model 64.1% (labeler 94.4%); against 76.6-81.2% (labeler 95.5-98.0%) in the five builds under
+    # bfloat16 autocast (docs/WORLD_BUILDS.md).
     # ``lvlm_float32_attention`` computes the attention in float32 under the autocast
-    # (``Attention.float32_attention``): 0.65x / 0.71x on the AMD EPYC, 0.78x / 0.85x on the Sapphire Rapids
+    # (``Attention.float32_attention``): 0.65x / 0.71x on the AMD EPYC (Zen 5), 0.78x / 0.85x on the Sapphire Rapids
     # Xeon, and the whole default build there took 1,224 s instead of 1,641 s. It is off because both builds
     # made with it missed a target on their yes/no answers: SFT POPE 61.3% (labeler 95.7%, CHAIR_s 33.0%)
-    # on the Intel Xeon, 71.4% (labeler 95.5%) on the AMD EPYC, against 76.6-81.2% in the five builds
+    # on the Intel Xeon, 71.4% (labeler 95.5%) on the AMD EPYC (Zen 5), against 76.6-81.2% in the five builds
     # without it. The CLIPs train in float32: at their width (64) bfloat16 was slower (one core: 314
     # against 391 examples/s), and a build whose CLIPs trained in it (400 / 300 steps) gave SFT POPE
     # 59.8%, labeler 91.7%.
-    lvlm_bf16: bool = False
+    lvlm_bf16: bool = True
     lvlm_float32_attention: bool = False
     # measurements
     eval_images: int = 200

@@ -87,3 +87,13 @@ def test_no_shared_prefix_falls_back_to_the_plain_forward():
     ids, pixels = _batch(model.config, prefix_len=0)  # rows start with the image: nothing to share
     assert shared_prefix_length(ids, model.config.image_token_index) == 0
     torch.testing.assert_close(model(ids, pixels, share_prefix=True), model(ids, pixels), rtol=0, atol=0)
+
+
+def test_shared_prefix_under_bfloat16_autocast_matches_the_plain_forward():
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(preset("tiny-llava"))  # float32 weights, as the world trains them
+    ids, pixels = _batch(model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, shared = model(ids, pixels.float()), model(ids, pixels.float(), share_prefix=True)
+    assert shared.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(shared.float(), plain.float(), rtol=0.05, atol=0.05)

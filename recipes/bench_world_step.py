@@ -1,6 +1,7 @@
 """Benchmark one training step of the world's LVLM stages, the build's way against the others, side by side.
 
     python recipes/bench_world_step.py                 # stages 0 (grounding) and SFT, 2 threads
+    python recipes/bench_world_step.py --clip --variants float32   # and CLIP's step
     python recipes/bench_world_step.py --threads 1 --steps 10 --variants float32 "bf16 (build)"
 
 ``recipes/world_models.py`` trains its LVLMs on the CPU; this times what one of its optimizer steps
@@ -14,6 +15,10 @@ run for every variant, on the same batches:
 - ``bf16``: the first under bfloat16 autocast (``WorldModelsConfig.lvlm_bf16``);
 - ``bf16 (build)``: the third under bfloat16 autocast -- the build's setting;
 - ``bf16, fp32 attn``: ``bf16`` with the attention in float32 (``Attention.float32_attention``).
+
+With ``--clip``, CLIP's step too (``clip_loss``, batch 128 and its hard negatives, ~900 texts):
+its attention by PyTorch's fused kernel or written out (``lvlm.clip.attention``), its text tower in
+one group or in four of similar length (``clip_text_length_groups``), rounds interleaved.
 
 Every variant computes the same step up to rounding. On CPUs without bfloat16 instructions (AVX512-BF16
 or AMX) the bfloat16 rows are much slower. The model has random weights of the world's default size;
@@ -76,12 +81,51 @@ def step_seconds(model, steps, *, bf16: bool, fp32_attention: bool, share_prefix
     return (time.perf_counter() - started) / (len(steps) - 2)
 
 
+# CLIP's step (``clip_loss``, batch 128 with its hard negatives): name -> (attention written out for short
+# texts, ``lvlm.clip.SHORT_SEQUENCE``; text tower length groups)
+CLIP_VARIANTS = {"fused attention": (False, 1), "written out": (True, 1), "written out, 4 groups (build)": (True, 4)}
+
+
+def clip_step_ms(c, steps: int) -> dict:
+    """Mean ms of one CLIP optimizer step per ``CLIP_VARIANTS`` entry, on the same batches, rounds interleaved."""
+    from tokenizers import Tokenizer as RawTokenizer
+
+    import lvlm.clip
+    from lvlm.clip import CLIPModel
+
+    raw = RawTokenizer.from_str(wm.clip_tokenizer_json(c))
+    torch.manual_seed(0)
+    model = CLIPModel(wm.clip_config(c, raw.get_vocab_size()))
+    pairs = wm.ClipPairs(c, raw, c.clip_batch * steps, wm.WorldPixels(c.world))
+    batches = [pairs.collate([pairs[j] for j in range(i * c.clip_batch, (i + 1) * c.clip_batch)])
+               for i in range(steps)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    short = lvlm.clip.SHORT_SEQUENCE
+    seconds = {name: 0.0 for name in CLIP_VARIANTS}
+    try:
+        for round_ in range(3):  # round 0 warms up; each later round runs every variant once
+            for name, (written_out, groups) in CLIP_VARIANTS.items():
+                lvlm.clip.SHORT_SEQUENCE = short if written_out else 0
+                started = time.perf_counter()
+                for batch in batches:
+                    loss, _ = wm.clip_loss(model, batch, text_length_groups=groups)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if round_:
+                    seconds[name] += time.perf_counter() - started
+    finally:
+        lvlm.clip.SHORT_SEQUENCE = short
+    return {name: 1000 * s / (2 * steps) for name, s in seconds.items()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 2 warm-up steps)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--clip", action="store_true", help="also time the CLIP step's variants (CLIP_VARIANTS)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -117,6 +161,12 @@ def main(argv=None) -> dict:
         print(f"{stage:<11}{mean_tokens:>11.0f}  " + "".join(f"{v:>19.1f} ms" for v in ms.values())
               + "   " + " / ".join(f"{v / first:.2f}x" for v in ms.values()))
         results[stage] = {"tokens_per_row": round(mean_tokens, 1), **{k: round(v, 1) for k, v in ms.items()}}
+    if args.clip:
+        ms = clip_step_ms(c, args.steps)
+        first = next(iter(ms.values()))
+        print(f"CLIP step, batch {c.clip_batch} + hard negatives: " + ", ".join(
+            f"{name} {v:.1f} ms ({v / first:.2f}x)" for name, v in ms.items()))
+        results["clip"] = {k: round(v, 1) for k, v in ms.items()}
     print(json.dumps(results))
     return results
 

@@ -315,6 +315,11 @@ class WorldModelsConfig:
 
 WORLD_PRESETS = {
     "default": WorldModelsConfig(),
+    # For CPUs without bfloat16 instructions, where the default's autocast costs 2-14x a float32 step: float32,
+    # with more SFT steps and more question-only SFT conversations (the float32 builds learnt the yes/no answers
+    # worse; docs/WORLD_BUILDS.md). On a 2-core AMD EPYC (Zen 3) its stages took 1,215 s in all, and all five
+    # targets were met (SFT CHAIR_s 32.0%, recall 81.2%, POPE 71.7%, labeler 96.0%, CLIP 98.5%; one build).
+    "float32": WorldModelsConfig(lvlm_bf16=False, sft_steps=900, sft_qa_share=0.75),
     # The whole chain in seconds (CI): tiny dims, a few steps. Its models are not meant to work.
     "micro": WorldModelsConfig(
         vision_hidden=16, vision_layers=2, vision_heads=1, clip_text_hidden=16, clip_text_layers=1, clip_text_heads=1,
@@ -1139,7 +1144,7 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
 
 def bf16_cost_note(config: WorldModelsConfig) -> str | None:
     """A warning when the LVLM stages would train under bfloat16 autocast on a CPU without bfloat16
-    instructions (AVX512-BF16 or AMX), where it costs 2-13x a float32 step (docs/BENCHMARKS.md); else None."""
+    instructions (AVX512-BF16 or AMX), where it costs 2-14x a float32 step (docs/BENCHMARKS.md); else None."""
     if not config.lvlm_bf16 or torch.cuda.is_available():
         return None
     try:
@@ -1149,8 +1154,8 @@ def bf16_cost_note(config: WorldModelsConfig) -> str | None:
     if native:
         return None
     return ("note: this CPU has no bfloat16 instructions (AVX512-BF16 / AMX); the LVLM stages' bfloat16 "
-            "autocast (lvlm_bf16) costs 2-13x a float32 step here. --lvlm_bf16 false builds faster, "
-            "with a different cache key and different models.")
+            "autocast (lvlm_bf16) costs 2-14x a float32 step here. The float32 preset builds faster "
+            "(--preset float32 here, --world_preset float32 in the recipes), with other models.")
 
 
 def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None) -> WorldModels:

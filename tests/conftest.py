@@ -11,3 +11,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def world_cache(tmp_path_factory):
+    """The world's models that tests build (the micro preset) go to a temporary cache (``$LVLM_CACHE``,
+    inherited by the torchrun subprocesses), never to the user's ``~/.cache/lvlm_align``."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LVLM_CACHE", str(tmp_path_factory.mktemp("lvlm_cache")))
+    yield
+    patch.undo()

@@ -125,3 +125,16 @@ def test_bench_world_step_times_the_variants_asked_for(capsys):
     assert set(row) == {"tokens_per_row", "float32", "by length+prefix", "bf16 (build)"}
     assert all(row[k] > 0 for k in row) and row["tokens_per_row"] > 9 + 32  # the image and the system prompt
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
+def test_bench_world_step_times_the_clip_variants():
+    import dataclasses
+
+    import lvlm.clip
+    from recipes import bench_world_step
+    from recipes.world_models import WORLD_PRESETS
+
+    c = dataclasses.replace(WORLD_PRESETS["micro"], clip_batch=8)
+    ms = bench_world_step.clip_step_ms(c, steps=1)
+    assert set(ms) == set(bench_world_step.CLIP_VARIANTS) and all(v > 0 for v in ms.values())
+    assert lvlm.clip.SHORT_SEQUENCE == 32  # restored after the fused-attention rounds

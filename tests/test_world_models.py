@@ -116,7 +116,7 @@ def test_bf16_cost_note_warns_only_for_bf16_autocast_without_bf16_instructions(
     note = wm.bf16_cost_note(config)
     assert (note is not None) == warned
     if warned:
-        assert "--lvlm_bf16 false" in note
+        assert "--preset float32" in note and not wm.WORLD_PRESETS["float32"].lvlm_bf16
 
 
 def test_cache_key_follows_the_config():

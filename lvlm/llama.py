@@ -7,7 +7,8 @@ names follow the Hugging Face ``LlamaForCausalLM`` so a checkpoint's keys map on
 Two ways to run it:
 
 - ``forward(input_ids | inputs_embeds)``: the whole sequence at once, causal mask, no cache. Used for
-  training and for scoring log-probs.
+  training and for scoring log-probs. ``hidden_states(..., shared_prefix=P)`` computes a prefix that
+  every row shares (a system prompt) once, as a batch of one, and lets every row attend to it.
 - ``forward_cached(inputs_embeds, cache, ...)``: new tokens attend to what ``cache`` already holds for
   their row and are written into it. Prefill (a whole prompt into empty rows) and decode (one token
   per row) are the two uses; see ``lvlm.kv_cache``.

@@ -167,7 +167,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, **cache_args):
+    def forward(self, x, cos, sin, *, prefix=None, **cache_args):
+        """``x`` [B, T, D] -> [B, T, D]; with ``prefix`` [1, P, D], the pair (prefix, x) of
+        ``forward_shared_prefix`` (called through here so that module hooks, FSDP2's among them, run)."""
+        if prefix is not None:
+            return self.forward_shared_prefix(prefix, x, cos, sin)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, **cache_args)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -184,7 +188,8 @@ class DecoderLayer(nn.Module):
         k, v = torch.cat([k_prefix.expand(rows), k], dim=2), torch.cat([v_prefix.expand(rows), v], dim=2)
         prefix = prefix + attention.attend(q_prefix, k_prefix, v_prefix)
         x = x + attention.attend(q, k, v)  # [B, T - P] queries over [B, T] keys, lower-right causal
-        return prefix + self.mlp(self.post_attention_layernorm(prefix)), x + self.mlp(self.post_attention_layernorm(x))
+        prefix = prefix + self.mlp(self.post_attention_layernorm(prefix))
+        return prefix, x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -229,10 +234,9 @@ class LlamaForCausalLM(nn.Module):
             prefix, x = inputs_embeds[:1, :shared_prefix], inputs_embeds[:, shared_prefix:]
             for layer in self.model.layers:
                 if checkpointing:
-                    prefix, x = torch.utils.checkpoint.checkpoint(layer.forward_shared_prefix, prefix, x, cos, sin,
-                                                                  use_reentrant=False)
+                    prefix, x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, prefix=prefix, use_reentrant=False)
                 else:
-                    prefix, x = layer.forward_shared_prefix(prefix, x, cos, sin)
+                    prefix, x = layer(x, cos, sin, prefix=prefix)
             return self.model.norm(torch.cat([prefix.expand(B, -1, -1), x], dim=1))
         x = inputs_embeds
         for layer in self.model.layers:

@@ -349,7 +349,7 @@ class SFTConfig:
     max_steps: int | None = None
     global_batch_size: int = 128
     micro_batch_size: int = 16
-    group_by_length: bool = True  # micro-batches of similar length (TrainConfig.group_by_length): same step, less padding
+    group_by_length: bool = True  # micro-batches of similar length (TrainConfig.group_by_length): less padding
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_length: int = 2048

@@ -317,8 +317,8 @@ WORLD_PRESETS = {
     "default": WorldModelsConfig(),
     # For CPUs without bfloat16 instructions, where the default's autocast costs 2-14x a float32 step: float32,
     # with more SFT steps and more question-only SFT conversations (the float32 builds learnt the yes/no answers
-    # worse; docs/WORLD_BUILDS.md). On a 2-core AMD EPYC (Zen 3) its stages took 1,215 s in all, and all five
-    # targets were met (SFT CHAIR_s 32.0%, recall 81.2%, POPE 71.7%, labeler 96.0%, CLIP 98.5%; one build).
+    # worse; docs/WORLD_BUILDS.md). On a 2-core AMD EPYC (Zen 3) it built from an empty cache in 1,229 s, and all
+    # five targets were met (SFT CHAIR_s 32.0%, recall 81.2%, POPE 71.7%, labeler 96.0%, CLIP 98.5%).
     "float32": WorldModelsConfig(lvlm_bf16=False, sft_steps=900, sft_qa_share=0.75),
     # The whole chain in seconds (CI): tiny dims, a few steps. Its models are not meant to work.
     "micro": WorldModelsConfig(

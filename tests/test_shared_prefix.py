@@ -97,3 +97,28 @@ def test_shared_prefix_under_bfloat16_autocast_matches_the_plain_forward():
         plain, shared = model(ids, pixels.float()), model(ids, pixels.float(), share_prefix=True)
     assert shared.dtype == plain.dtype == torch.bfloat16
     torch.testing.assert_close(shared.float(), plain.float(), rtol=0.05, atol=0.05)
+
+
+def test_fsdp2_with_the_prefix_shared_matches_one_process_without(tmp_path):
+    """torchrun x2 (Gloo, CPU) with FSDP2 (each decoder layer sharded) and the shared prefix, against one
+    process training plainly: the same weights after three steps."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _shared_prefix_script import run
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "tests" / "_shared_prefix_script.py"), str(tmp_path / "fsdp"), "fsdp", "share"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run(str(tmp_path / "one"), fsdp=False, share=False)
+    shared = torch.load(tmp_path / "fsdp" / "final.pt", weights_only=True)
+    plain = torch.load(tmp_path / "one" / "final.pt", weights_only=True)
+    start = _model().float().state_dict()
+    assert max((plain[k] - start[k]).abs().max() for k in plain) > 1e-3  # training moved the weights
+    for k in plain:
+        torch.testing.assert_close(shared[k], plain[k], rtol=0, atol=1e-5, msg=k)

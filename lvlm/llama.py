@@ -237,7 +237,7 @@ class LlamaForCausalLM(nn.Module):
                     prefix, x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, prefix=prefix, use_reentrant=False)
                 else:
                     prefix, x = layer(x, cos, sin, prefix=prefix)
-            return self.model.norm(torch.cat([prefix.expand(B, -1, -1), x], dim=1))
+            return torch.cat([self.model.norm(prefix).expand(B, -1, -1), self.model.norm(x)], dim=1)
         x = inputs_embeds
         for layer in self.model.layers:
             if checkpointing:

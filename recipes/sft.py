@@ -322,8 +322,8 @@ def sft_collate_for(model, tokenizer: Tokenizer):
 def train_sft(model, dataset: ConversationDataset, config: TrainConfig, *, share_prefix: bool = False) -> TrainResult:
     """SFT of ``model`` in place with ``optim.train`` (any freezing is set beforehand, ``set_trainable``);
     ``share_prefix``: see ``sft_loss``."""
-    loss = functools.partial(sft_loss, share_prefix=True) if share_prefix else sft_loss
-    return train(model, dataset, loss, config, collate_fn=sft_collate_for(model, dataset.tokenizer))
+    return train(model, dataset, functools.partial(sft_loss, share_prefix=share_prefix), config,
+                 collate_fn=sft_collate_for(model, dataset.tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,10 +169,10 @@ class WorldModelsConfig:
     # training
     train_scenes: int = 8000  # the training-split scenes every stage draws from (images kept preprocessed)
     # The LVLM stages cut each batch of 32 into micro-batches of this many conversations of similar length
-    # (``TrainConfig.group_by_length``; the same step, per-example mean losses). One step, 2 threads of an AMD
-    # EPYC (Zen 3), 1 x 32 / 2 x 16 (``recipes/bench_world_step.py``): SFT ~650 / ~480 ms, grounding ~290 /
-    # ~225 ms, stage 1 ~430 / ~370 ms, labeler ~390 / ~340 ms (less padding: SFT rows are 1.29x their real
-    # length padded 32 together, 1.13x by 16; and the smaller activations stay in cache).
+    # (``TrainConfig.group_by_length``; the same step, per-example mean losses), with the system prompt run
+    # once per micro-batch (``sft_loss(share_prefix=True)``). SFT rows padded 32 together are 1.29x their real
+    # length, by 16 1.13x. One float32 step, 2 threads of an AMD EPYC (Zen 3), 1 x 32 against 2 x 16 with the
+    # shared prompt (``recipes/bench_world_step.py``, docs/BENCHMARKS.md): SFT 394 / 344 ms, grounding 225 / 201 ms.
     micro_batch: int = 16
     warmup_ratio: float = 0.05
     clip_steps: int = 500
@@ -190,9 +190,9 @@ class WorldModelsConfig:
     clip_sign_positive_share: float = 0.8  # the weight of its positives (the hard negatives get the rest)
     clip_single_object_share: float = 0.5  # share of CLIP's images drawn from one-object scenes
     clip_hf_init: bool = False  # Hugging Face's initialisation; False: PyTorch's defaults (trained faster here)
-    # The text tower runs each batch's ~900 texts in this many groups of similar length (``clip_loss``): one CLIP
-    # step, 2 threads of an AMD EPYC (Zen 3), 288 ms in one group, 205 ms in four (``lvlm.clip.attention``'s
-    # written-out form for short texts took it from 365 ms to 288 ms before).
+    # The text tower runs each batch's ~900 texts in this many groups of similar length (``clip_loss``). One CLIP
+    # step, 2 threads of an AMD EPYC (Zen 3; ``recipes/bench_world_step.py --clip``): 268 ms with PyTorch's
+    # fused attention, 201 ms with ``lvlm.clip.attention``'s written-out form for short texts, 163 ms in four groups.
     clip_text_length_groups: int = 4
     # CSR's reward CLIP (R_I), a second CLIP of the same size trained with the sign term, so that its clipped
     # score max(100 cos, 0) is 0 for a sentence about an absent object (``reward_clip_config``).

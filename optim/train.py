@@ -12,9 +12,10 @@ sequence) and ``collate_fn`` (a list of examples -> one batch). Everything else 
 - data: one deterministic permutation per epoch (from the seed), cut into global batches; each
   rank takes its contiguous slice of every global batch and walks it in micro-batches. The
   sequence of global batches does not depend on the number of processes. With
-  ``group_by_length`` a rank sorts its slice by ``dataset.length(i)`` first, so that each
-  micro-batch holds examples of similar length and pads less: the same examples make the same
-  step (see "Loss normalisation"), with fewer padded tokens computed;
+  ``group_by_length`` the global batch is sorted by ``dataset.length(i)`` instead, cut into
+  micro-batches and dealt to the ranks (``rank_share_by_length``): each micro-batch holds
+  examples of similar length and pads less, and the same examples make the same step (see
+  "Loss normalisation") with fewer padded tokens computed;
 - the update: gradients accumulated over ``global_batch / (micro_batch * world)`` micro-batches,
   AdamW on the trainable parameters only, linear warm-up + cosine decay, grad-norm clipping;
 - safety: a checkpoint every ``save_every`` steps, written atomically and resumable, keeping the
@@ -74,8 +75,8 @@ class TrainConfig:
     max_steps: int | None = None  # when set, the run length in optimizer steps (overrides epochs)
     global_batch_size: int = 8  # examples per optimizer step, over all ranks
     micro_batch_size: int = 1  # examples per forward/backward on one rank
-    # Cut each rank's share of a global batch into micro-batches of similar length (``dataset.length(i)``,
-    # sorted): with per-example mean losses the step is the same, the padding less.
+    # Cut each global batch into micro-batches of similar length (``dataset.length(i)``, sorted) and deal them
+    # to the ranks (``rank_share_by_length``): with per-example mean losses the step is the same, the padding less.
     group_by_length: bool = False
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping (the norm is still logged)
     bf16: bool = True  # bfloat16 autocast on CUDA
@@ -136,6 +137,24 @@ def global_batch_indices(n_examples: int, global_batch_size: int, *, seed: int, 
 # ---------------------------------------------------------------------------------------------
 # RNG state (python, numpy, torch, cuda), as tensors and plain values so torch.load(weights_only)
 # ---------------------------------------------------------------------------------------------
+
+
+def rank_share_by_length(batch: list[int], length, *, micro_batch_size: int, rank: int, world: int) -> list[int]:
+    """This rank's examples of a global batch under ``group_by_length``, in the order it walks them.
+
+    The batch is sorted by ``length(i)`` (stably: ties keep the permutation's order) and cut into
+    micro-batches, which are dealt to the ranks back and forth -- 0, 1, ..., W-1, then W-1, ..., 0,
+    and so on -- so that each rank gets short and long ones alike and none waits long for the others at
+    the gradient all-reduce. Every micro-batch has the same size, so with per-example mean losses the
+    step is the one the whole batch makes, however it is dealt. One rank: the sorted batch.
+    """
+    ordered = sorted(batch, key=length)
+    mine = []
+    for j in range(len(ordered) // micro_batch_size):
+        turn, seat = divmod(j, world)
+        if (seat if turn % 2 == 0 else world - 1 - seat) == rank:
+            mine += ordered[j * micro_batch_size:(j + 1) * micro_batch_size]
+    return mine
 
 
 def _rng_state() -> dict:
@@ -477,9 +496,12 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, *, collate_fn
     while step < total_steps:
         epoch, batch_in_epoch = divmod(step, steps_per_epoch)
         indices = global_batch_indices(len(dataset), c.global_batch_size, seed=c.seed, epoch=epoch,
-                                       batch=batch_in_epoch)[rank * per_rank:(rank + 1) * per_rank]
+                                       batch=batch_in_epoch)
         if c.group_by_length:
-            indices = sorted(indices, key=dataset.length)  # stable: ties keep the permutation's order
+            indices = rank_share_by_length(indices, dataset.length, micro_batch_size=c.micro_batch_size,
+                                           rank=rank, world=world)
+        else:
+            indices = indices[rank * per_rank:(rank + 1) * per_rank]
         lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=c.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -1081,8 +1081,8 @@ def _log(verbose: bool, *parts) -> None:
 def _train_config(c: WorldModelsConfig, out_dir: Path, *, steps: int, batch: int, lr: float, verbose: bool,
                   micro_batch: int | None = None, bf16: bool = False, group_by_length: bool = False) -> TrainConfig:
     return TrainConfig(out_dir=str(out_dir), lr=lr, max_steps=steps, global_batch_size=batch,
-                       micro_batch_size=micro_batch or min(c.micro_batch, batch), group_by_length=group_by_length,
-                       warmup_ratio=c.warmup_ratio,
+                       micro_batch_size=micro_batch or min(c.micro_batch, max(1, batch // get_world_size())),
+                       group_by_length=group_by_length, warmup_ratio=c.warmup_ratio,
                        weight_decay=0.0, cpu_bf16=bf16,
                        grad_clip=1.0, save_every=c.save_every, seed=c.seed,
                        log_every=15.0 if verbose else float("inf"))
@@ -1208,7 +1208,7 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
                                 sign_positive_share=cc.clip_sign_positive_share,
                                 text_length_groups=cc.clip_text_length_groups),
               _train_config(cc, root / "train" / name, steps=cc.clip_steps, batch=cc.clip_batch, lr=cc.clip_lr,
-                            verbose=verbose, micro_batch=cc.clip_batch),  # contrast the whole batch at once
+                            verbose=verbose, micro_batch=cc.clip_batch // get_world_size()),  # a rank's share at once
               collate_fn=pairs.collate)
         model.requires_grad_(False)
         model.eval()
@@ -1284,6 +1284,7 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
         seconds["total"] = time.time() - started
         report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
         report["threads"] = torch.get_num_threads() if not torch.cuda.is_available() else None
+        report["ranks"] = get_world_size()
         write_json_atomic(root / "report.json", report)
     barrier()
     return _paths(root)

@@ -206,6 +206,23 @@ def test_group_by_length_makes_the_same_steps_with_less_padding(tmp_path):
                           group_by_length=True))
 
 
+def test_rank_share_by_length_deals_sorted_micro_batches_back_and_forth():
+    from optim.train import rank_share_by_length
+
+    lengths = {i: n for i, n in enumerate([9, 3, 14, 1, 7, 12, 5, 10, 2, 16, 4, 8, 6, 11, 13, 15])}
+    batch = [3, 8, 1, 10, 6, 12, 4, 11, 0, 7, 13, 5, 14, 2, 15, 9]  # a permutation's batch of 16
+    ordered = sorted(batch, key=lengths.get)
+    assert rank_share_by_length(batch, lengths.get, micro_batch_size=4, rank=0, world=1) == ordered
+    shares = [rank_share_by_length(batch, lengths.get, micro_batch_size=2, rank=r, world=2) for r in (0, 1)]
+    chunks = [ordered[i:i + 2] for i in range(0, 16, 2)]  # 8 micro-batches, shortest first
+    assert shares[0] == [*chunks[0], *chunks[3], *chunks[4], *chunks[7]]  # rank 0: 0, 3, 4, 7
+    assert shares[1] == [*chunks[1], *chunks[2], *chunks[5], *chunks[6]]  # rank 1: 1, 2, 5, 6
+    # every example once; the two ranks' padded work close: sum of each micro-batch's longest
+    assert sorted(shares[0] + shares[1]) == sorted(batch)
+    work = [sum(max(lengths[i] for i in share[j:j + 2]) for j in range(0, 8, 2)) for share in shares]
+    assert abs(work[0] - work[1]) <= 2
+
+
 def test_two_processes_match_one_process(tmp_path):
     """torchrun x2 (Gloo, CPU), micro 1 x accumulation 2 per rank, with DDP and with FSDP2, against one
     process with micro 2 x accumulation 2: the same global batches, so the same parameters."""

@@ -2,7 +2,13 @@
 CLIP's end-of-text pooling, the tokenizer's coverage of the Fact-RLHF prompt, and the NegCLIP loss."""
 
 import dataclasses
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +21,7 @@ from lvlm.world import captions, sample_scene
 from recipes import world_models as wm
 
 MICRO = wm.WORLD_PRESETS["micro"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +158,34 @@ def test_builds_are_deterministic_and_atomic(micro, tmp_path, monkeypatch):
         second = load_file(getattr(again, name) / "model.safetensors")
         assert first.keys() == second.keys()
         assert all(torch.equal(first[k], second[k]) for k in first), name
+
+
+def test_a_build_under_torchrun_trains_as_one_process_does(tmp_path):
+    """torchrun x2 (Gloo): every stage runs data-parallel, CLIP's batch split over the ranks (each
+    contrasts its half). Each LVLM stage then takes the step one process takes on the whole batch
+    (per-example mean losses), up to rounding: rebuilt in this process from the same CLIPs, the LVLMs
+    come out the same."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "recipes" / "world_models.py"), "--preset", "micro", "--cache_dir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    two = tmp_path / "two" / f"world-{wm.cache_key(MICRO)}"
+    assert json.loads((two / "report.json").read_text())["ranks"] == 2
+    sft, aligned = (load_file(two / name / "model.safetensors") for name in ("sft", "aligned"))
+    assert not all(torch.equal(sft[k], aligned[k]) for k in sft)  # the stages did train
+    stages = ["clip", "reward_clip", "grounded", "aligned", "sft", "labeler"]
+    for i, name in enumerate(stages[2:], start=2):
+        one = tmp_path / f"one-{name}"  # every earlier stage as the two processes trained it
+        for earlier in stages[:i]:
+            shutil.copytree(two / earlier, one / earlier)
+        wm.build_world_models(MICRO, one, verbose=False)
+        two_processes = load_file(two / name / "model.safetensors")
+        one_process = load_file(one / name / "model.safetensors")
+        # Adam's first steps move a weight by about lr x sign(gradient) however small the gradient, so the
+        # few weights whose gradient is near 0 can go either way with the rounding; all the others agree.
+        close = sum(int(torch.isclose(one_process[k], v, rtol=1e-4, atol=1e-5).sum()) for k, v in two_processes.items())
+        assert close >= 0.99 * sum(v.numel() for v in two_processes.values()), name
 
 
 def test_clip_texts_end_with_the_clip_end_token_and_pool_there(micro):

@@ -837,21 +837,34 @@ def clip_present_and_absent(clip: CLIPModel, clip_raw_tokenizer, world: WorldCon
             "absent_zeroed": sum(absent_zero) / len(wins)}
 
 
+def _true_and_swapped(scene, swap: str) -> tuple[str, str]:
+    """A true text about one object of ``scene`` and the same text with its shape (``swap="shape"``)
+    swapped for one the image lacks, or its place (``"place"``) for an empty cell (``clip_texts``' first
+    hard negative of that kind; for a place, the first variant whose text names one)."""
+    for variant in range(1_000_000, 1_000_100):
+        text, negatives = clip_texts(scene, variant, hard_negatives=int(swap == "shape"),
+                                     place_negatives=int(swap == "place"))
+        if negatives:
+            return text, negatives[0]
+    raise ValueError(f"no {swap}-swapped text for scene {scene.seed}")
+
+
 @torch.no_grad()
-def clip_swapped_shape(clip: CLIPModel, clip_raw_tokenizer, world: WorldConfig, n_images: int) -> dict:
-    """The harder version: the competing text is the same text with the object's shape swapped for one the
-    image lacks (``clip_texts``' first hard negative), so colour and place do not help. How often the true
-    text has the higher cosine (``present_over_swapped``), and how often CSR's clipped score is zero for the
-    swapped one (``swapped_zeroed``). The world's SFT model makes up objects like these: a shape the image
-    lacks, in the colour of an object it has."""
+def clip_swapped(clip: CLIPModel, clip_raw_tokenizer, world: WorldConfig, n_images: int, swap: str = "shape") -> dict:
+    """The harder version: the competing text is the same text with one detail swapped (``_true_and_swapped``),
+    so the rest does not help. How often the true text has the higher cosine (``present_over_swapped``), and
+    how often CSR's clipped score is zero for the swapped one (``swapped_zeroed``). The world's SFT model makes
+    up objects like the shape swaps: a shape the image lacks, in the colour of an object it has. A place swap
+    names a present object at an empty cell; a CLIP that scores it above zero pays CSR for repeating a present
+    object at other places, which costs recall (README, "CSR on the float32 preset's models")."""
     wins, zeroed = [], []
     device = next(clip.parameters()).device
     for batch in _chunks(list(scenes("test", world, limit=n_images)), 64):
-        pairs = [clip_texts(scene, 1_000_000, hard_negatives=1) for scene in batch]
+        pairs = [_true_and_swapped(scene, swap) for scene in batch]
         pixels = torch.stack([preprocess_image(s.image(), size=world.canvas_size) for s in batch]).to(device)
         image = F.normalize(clip.encode_image(pixels), dim=-1)
         good = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, [p[0] for p in pairs]).to(device)), dim=-1)
-        bad = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, [p[1][0] for p in pairs]).to(device)), dim=-1)
+        bad = F.normalize(clip.encode_text(encode_clip_texts(clip_raw_tokenizer, [p[1] for p in pairs]).to(device)), dim=-1)
         good_cos, bad_cos = (image * good).sum(-1), (image * bad).sum(-1)
         wins += (good_cos > bad_cos).tolist()
         zeroed += (bad_cos <= 0).tolist()
@@ -1298,18 +1311,22 @@ def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenize
 
     n = c.eval_images
     first = clip_present_and_absent(clip, clip_raw, c.world, n)
-    first_swapped = clip_swapped_shape(clip, clip_raw, c.world, n)
+    first_swapped = clip_swapped(clip, clip_raw, c.world, n)
     if reward_clip is None or reward_clip is clip:
         reward, reward_swapped = first, first_swapped
+        reward_place = clip_swapped(clip, clip_raw, c.world, n, swap="place")
     else:
         reward = clip_present_and_absent(reward_clip, clip_raw, c.world, n)
-        reward_swapped = clip_swapped_shape(reward_clip, clip_raw, c.world, n)
+        reward_swapped = clip_swapped(reward_clip, clip_raw, c.world, n)
+        reward_place = clip_swapped(reward_clip, clip_raw, c.world, n, swap="place")
     report = {"clip_present_over_absent": first["present_over_absent"],
               "reward_clip_present_over_absent": reward["present_over_absent"],
               "reward_clip_present_scored": reward["present_scored"],
               "reward_clip_absent_zeroed": reward["absent_zeroed"],
               "clip_present_over_swapped_shape": first_swapped["present_over_swapped"],
               "reward_clip_swapped_shape_zeroed": reward_swapped["swapped_zeroed"],
+              "reward_clip_present_over_swapped_place": reward_place["present_over_swapped"],
+              "reward_clip_swapped_place_zeroed": reward_place["swapped_zeroed"],
               "labeler_accuracy": labeler_accuracy(labeler, tokenizer, c.world, n)}
     report["sft"] = evaluate(sft, tokenizer, world_eval_set(c.world, n_images=n), verbose=False)
     report["sft_short_answers"] = short_answer_accuracy(sft, tokenizer, c.world, n)
@@ -1343,6 +1360,10 @@ def print_report(report: dict, file=None) -> None:
     if "reward_clip_swapped_shape_zeroed" in report:
         print(f"reward CLIP's score, zero for the true sentence with its shape swapped for an absent one: "
               f"{100 * report['reward_clip_swapped_shape_zeroed']:.1f}%", file=file)
+    if "reward_clip_swapped_place_zeroed" in report:
+        print(f"reward CLIP, the true sentence with its place swapped for an empty cell: ranked below the true one "
+              f"{100 * report['reward_clip_present_over_swapped_place']:.1f}%, zeroed "
+              f"{100 * report['reward_clip_swapped_place_zeroed']:.1f}%", file=file)
     if "clip_present_over_swapped_shape" in report:
         print(f"CLIP, the competing text differing only in shape: {100 * report['clip_present_over_swapped_shape']:.1f}%",
               file=file)

@@ -47,7 +47,8 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
     assert not torch.equal(reward_clip.text_projection.weight, clip.text_projection.weight)
     report = models.report()
     for key in ("clip_present_over_absent", "reward_clip_present_over_absent", "reward_clip_present_scored",
-                "reward_clip_absent_zeroed", "reward_clip_swapped_shape_zeroed", "clip_present_over_swapped_shape"):
+                "reward_clip_absent_zeroed", "reward_clip_swapped_shape_zeroed", "clip_present_over_swapped_shape",
+                "reward_clip_present_over_swapped_place", "reward_clip_swapped_place_zeroed"):
         assert 0.0 <= report[key] <= 1.0, key
     assert set(report["sft"]) >= {"chair_s", "recall", "pope_acc", "mc_acc"}
     by_kind = report["labeler_accuracy"]["by_kind"]
@@ -321,6 +322,33 @@ def test_clip_hard_negatives_differ_only_in_an_absent_shape():
             (other,) = find_mentions(negative)
             assert other not in scene.shapes
             assert re.sub(surface, "X", text) == re.sub(surface, "X", negative)  # the same words otherwise
+
+
+@pytest.mark.parametrize("swap", ["shape", "place"])
+def test_true_and_swapped_texts_differ_in_one_false_detail(swap):
+    import re
+
+    from lvlm.world import PLACES, find_mentions
+    from lvlm.world.text import PLACE_PHRASES
+
+    phrases = sorted((p for ps in PLACE_PHRASES.values() for p in ps), key=len, reverse=True)
+    place_of = {p: PLACES.index(name) for name, ps in PLACE_PHRASES.items() for p in ps}
+
+    def place(text):  # the cell a text names (the longest phrase found), or None
+        found = [p for p in phrases if p in text.lower()]
+        return place_of[found[0]] if found else None
+
+    for seed in range(20):
+        scene = sample_scene(seed)
+        text, swapped = wm._true_and_swapped(scene, swap)
+        (shape,) = find_mentions(text)
+        (other,) = find_mentions(swapped)
+        if swap == "shape":
+            assert shape in scene.shapes and other not in scene.shapes and place(text) == place(swapped)
+        else:
+            cells = {o.cell for o in scene.objects}
+            assert other == shape and place(text) in cells and place(swapped) not in cells
+            assert re.sub(r"\s+", " ", swapped) != text
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])

@@ -16,6 +16,10 @@ run for every variant, on the same batches:
 - ``bf16 (build)``: the third under bfloat16 autocast -- the build's setting;
 - ``bf16, fp32 attn``: ``bf16`` with the attention in float32 (``Attention.float32_attention``).
 
+With ``--processes``, the step through ``optim.train`` as the build runs it, in one process of two threads
+against two ranks of one thread each (``PROCESS_VARIANTS``; DDP over Gloo, as under torchrun), new
+processes for each.
+
 With ``--clip``, CLIP's step too (``clip_loss``, batch 128 and its hard negatives, ~900 texts):
 its attention by PyTorch's fused kernel or written out (``lvlm.clip.attention``), its text tower in
 one group or in four of similar length (``clip_text_length_groups``), rounds interleaved.
@@ -44,7 +48,7 @@ from lvlm.llama import attention_in_float32  # noqa: E402
 from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
 from lvlm.tokenizer import Tokenizer  # noqa: E402
 from recipes import world_models as wm  # noqa: E402
-from recipes.sft import ConversationDataset, set_trainable, sft_collate_for, sft_loss  # noqa: E402
+from recipes.sft import ConversationDataset, set_trainable, sft_collate_for, sft_loss, train_sft  # noqa: E402
 
 STAGES = {"grounding": (wm.world_grounding_records, "text"), "sft": (wm.world_sft_records, "assistant")}
 
@@ -119,6 +123,60 @@ def clip_step_ms(c, steps: int) -> dict:
     return {name: 1000 * s / (2 * steps) for name, s in seconds.items()}
 
 
+# ``--processes``: the step through ``optim.train`` (``train_sft``, as the build runs it) in one process of two
+# threads against two ranks of one thread each (DDP over Gloo, what ``torchrun --nproc_per_node 2`` gives):
+# (ranks, threads per rank, micro-batch)
+PROCESS_VARIANTS = ((1, 2, 16), (2, 1, 16), (2, 1, 8))
+
+
+def _train_rank(rank: int, world: int, init_method: str, stage: str, micro: int, steps: int, threads: int,
+                out: str) -> None:
+    """One rank of ``train_step_ms``: ``steps`` steps of ``stage`` through ``train_sft``; rank 0 writes ms/step."""
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    torch.set_num_threads(threads)
+    c = wm.WorldModelsConfig()
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "tokenizer.json").write_text(wm.world_tokenizer_json(c))
+        tokenizer = Tokenizer.from_file(Path(directory) / "tokenizer.json")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(wm.lvlm_config(c, tokenizer.vocab_size))
+    wm.init_llava_weights(model)
+    set_trainable(model, vision=False, projector=True, language_model=True)
+    records_fn, loss_on = STAGES[stage]
+    dataset = ConversationDataset(records_fn(dataclasses.replace(c, ground_steps=steps, sft_steps=steps)), tokenizer,
+                                  image_size=c.world.canvas_size, image_tokens_per_image=model.config.image_tokens_per_image,
+                                  load_pixels=wm.WorldPixels(c.world), max_length=c.lvlm_max_positions, loss_on=loss_on,
+                                  keep_encoded=True)
+    with tempfile.TemporaryDirectory() as directory:
+        config = wm._train_config(c, Path(directory), steps=steps, batch=32, lr=1e-3, verbose=False,
+                                  micro_batch=micro, group_by_length=True)
+        config = dataclasses.replace(config, save_every=0)
+        started = time.perf_counter()
+        train_sft(model, dataset, config, share_prefix=True)
+        if rank == 0:
+            Path(out).write_text(str(1000 * (time.perf_counter() - started) / steps))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def train_step_ms(stage: str, steps: int) -> dict:
+    """Mean ms of one optimizer step through ``train_sft`` per ``PROCESS_VARIANTS`` entry (DDP set-up and the
+    first steps included), each in its own new processes."""
+    import torch.multiprocessing as mp
+
+    ms = {}
+    for ranks, threads, micro in PROCESS_VARIANTS:
+        with tempfile.TemporaryDirectory() as directory:
+            out = str(Path(directory) / "ms")
+            mp.spawn(_train_rank, nprocs=ranks, join=True,
+                     args=(ranks, f"file://{directory}/rendezvous", stage, micro, steps, threads, out))
+            ms[f"{ranks} x {threads} thread(s), micro {micro}"] = float(Path(out).read_text())
+    return ms
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -126,6 +184,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--clip", action="store_true", help="also time the CLIP step's variants (CLIP_VARIANTS)")
+    parser.add_argument("--processes", action="store_true",
+                        help="also time the step through optim.train in 1 process x 2 threads against 2 ranks x 1 "
+                             "thread (PROCESS_VARIANTS)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -167,6 +228,13 @@ def main(argv=None) -> dict:
         print(f"CLIP step, batch {c.clip_batch} + hard negatives: " + ", ".join(
             f"{name} {v:.1f} ms ({v / first:.2f}x)" for name, v in ms.items()))
         results["clip"] = {k: round(v, 1) for k, v in ms.items()}
+    if args.processes:
+        for stage in args.stages:
+            ms = train_step_ms(stage, args.steps + 2)
+            first = next(iter(ms.values()))
+            print(f"{stage} through optim.train: " + ", ".join(
+                f"{name} {v:.1f} ms ({v / first:.2f}x)" for name, v in ms.items()))
+            results[f"{stage}_processes"] = {k: round(v, 1) for k, v in ms.items()}
     print(json.dumps(results))
     return results
 

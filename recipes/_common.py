@@ -100,10 +100,15 @@ def _replace_path(config, dotted: str, value):
 
 
 def config_from_args(args: argparse.Namespace, config):
-    """``config`` with every option the user gave (see ``add_config_arguments``) replaced."""
+    """``config`` with every option the user gave (see ``add_config_arguments``) replaced, and a
+    ``world_preset`` of ``"auto"`` replaced by the preset it picks on this machine."""
     for key, value in vars(args).items():
         if key.startswith("cfg:") and value is not None:
             config = _replace_path(config, key[len("cfg:"):], value)
+    if getattr(config, "world_preset", None) == "auto":  # the run records the preset "auto" picks here
+        from recipes.world_models import resolve_world_preset
+
+        config = dataclasses.replace(config, world_preset=resolve_world_preset("auto"))
     return config
 
 

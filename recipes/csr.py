@@ -107,7 +107,7 @@ class CSRConfig:
     eval_image_dir: str | None = None
     eval_synonyms: str | None = None
     out: str = "runs/csr"
-    world_preset: str = "default"
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
     seed: int = 0
     iterations: int = 3  # the paper's main table
     n_prompts: int | None = None  # prompts per iteration (None: every record of --data)
@@ -188,7 +188,7 @@ PAPER_CSR = CSRConfig()
 #     84.6 / 84.2 / 83.0; at 3.0, 78.38 / 76.76 / 77.87 (README);
 #   eval_images 200: the world's test split, as recipes/evaluate.py measures it.
 WORLD_CSR = dataclasses.replace(
-    PAPER_CSR, out="runs/csr-world", world_preset="default", n_prompts=384, prompts_per_call=32,
+    PAPER_CSR, out="runs/csr-world", n_prompts=384, prompts_per_call=32,
     max_sentence_tokens=24, max_total_tokens=96, max_sentences=8, temperature=0.7,
     lr=1e-4, epochs=2, global_batch_size=16, micro_batch_size=8, lora_r=16, lora_alpha=32.0, bf16=False,
     ref_batch_size=32, eval_images=200, w_sft=1.0, ptx_coef=1.0,
@@ -293,13 +293,11 @@ def resolve_inputs(config: CSRConfig) -> Inputs:
     from recipes.evaluate import coco_eval_set, world_eval_set
 
     if is_world(config):
-        from recipes.world_models import WORLD_PRESETS, ensure_world_models, render_world_image
+        from recipes.world_models import ensure_world_models, render_world_image, world_preset
 
-        if config.world_preset not in WORLD_PRESETS:
-            raise ValueError(f"--world_preset {config.world_preset!r}: known presets are {', '.join(WORLD_PRESETS)}")
+        preset = world_preset(config.world_preset)
         if config.n_prompts is None or config.n_prompts < 1:
             raise ValueError("--n_prompts must be a positive number on the built-in world")
-        preset = WORLD_PRESETS[config.world_preset]
         models = ensure_world_models(preset)  # trained now if not cached
         world = preset.world
         replay = replay_source(config.ptx_examples, world=preset) if config.ptx_coef > 0 else None

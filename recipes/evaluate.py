@@ -380,7 +380,7 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 128
     answer_tokens: int = 6
-    world_preset: str = "default"
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
     split: str = "test"
     seed: int = 0
 
@@ -401,9 +401,9 @@ def main(argv=None) -> dict:
                                 seed=config.seed)
         model_dir = Path(config.model)
     else:
-        from recipes.world_models import WORLD_PRESETS, ensure_world_models
+        from recipes.world_models import ensure_world_models, world_preset
 
-        preset = WORLD_PRESETS[config.world_preset]
+        preset = world_preset(config.world_preset)
         model_dir = Path(config.model) if config.model else ensure_world_models(preset).sft
         dataset = world_eval_set(preset.world, n_images=config.n_images, split=config.split)
     device = "cuda" if torch.cuda.is_available() else "cpu"

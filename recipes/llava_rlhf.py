@@ -109,7 +109,7 @@ class RLHFConfig:
     preferences: str | None = None  # human preferences, LLaVA-RLHF's format (see load_human_preferences)
     captions: str | None = None  # facts: {image: [captions]} (the release's image_to_caption.json) or COCO captions
     out: str | None = None  # default: runs/llava_rlhf[-no-facts][-<preset>]
-    world_preset: str = "default"  # recipes.world_models preset of the built-in world
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
     seed: int = 0
     threads: int = 0  # CPU only: intra-op threads (0 = one per core this process may use)
     # 2. preference pairs (world): responses sampled from the SFT model, labelled by the oracle
@@ -283,11 +283,9 @@ def world_sources(config: RLHFConfig) -> Sources:
     from lvlm.world import (captions, description_instruction, multiple_choice_question, sample_scene,
                             split_seeds, world_rng, yes_no_question)
     from recipes.evaluate import world_eval_set
-    from recipes.world_models import WORLD_PRESETS, ensure_world_models, render_world_image
+    from recipes.world_models import ensure_world_models, render_world_image, world_preset
 
-    if config.world_preset not in WORLD_PRESETS:
-        raise ValueError(f"unknown world preset {config.world_preset!r}; known: {', '.join(WORLD_PRESETS)}")
-    preset = WORLD_PRESETS[config.world_preset]
+    preset = world_preset(config.world_preset)
     world = preset.world
     sft_dir = Path(config.model) if config.model else ensure_world_models(preset).sft
     seeds = split_seeds("train", world)

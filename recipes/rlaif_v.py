@@ -127,7 +127,7 @@ class RLAIFVConfig:
     eval_image_dir: str | None = None  # the folder of its images
     eval_synonyms: str | None = None  # a CHAIR synonym file
     out: str | None = None  # default runs/rlaif_v-<preset>
-    world_preset: str = "default"  # which recipes.world_models preset (world runs)
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
     # the loop
     iterations: int = 4
     instructions_per_iteration: int = 4000
@@ -574,11 +574,9 @@ def resolve_inputs(config: RLAIFVConfig) -> Inputs:
     """The world's models (built now if not cached) and training scenes, or the user's checkpoints and data
     file with every record and image checked; the evaluation set. Raises before any output is written."""
     if config.model is None:
-        from recipes.world_models import WORLD_PRESETS, ensure_world_models, render_world_image
+        from recipes.world_models import ensure_world_models, render_world_image, world_preset
 
-        if config.world_preset not in WORLD_PRESETS:
-            raise ValueError(f"--world_preset {config.world_preset!r}: known presets are {', '.join(WORLD_PRESETS)}")
-        preset = WORLD_PRESETS[config.world_preset]
+        preset = world_preset(config.world_preset)
         instructions = world_instructions(preset.world, config.iterations * config.instructions_per_iteration,
                                           offset=config.instruction_offset, yes_no_share=config.yes_no_share)
         models = ensure_world_models(preset)

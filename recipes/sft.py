@@ -343,7 +343,7 @@ class SFTConfig:
     data: str | None = None  # LLaVA conversation JSON / JSONL
     images: str | None = None  # folder the records' "image" names are relative to
     out: str = "runs/sft"
-    world_preset: str = "default"  # world only: which recipes.world_models preset
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
     lr: float = 2e-5  # LLaVA-1.5 stage 2
     epochs: int = 1
     max_steps: int | None = None
@@ -364,11 +364,9 @@ class SFTConfig:
 
 def world_sft_defaults(config: SFTConfig) -> SFTConfig:
     """The world preset's stage-2 settings in place of the real-model defaults (flags still win later)."""
-    from recipes.world_models import WORLD_PRESETS
+    from recipes.world_models import world_preset
 
-    if config.world_preset not in WORLD_PRESETS:
-        raise ValueError(f"unknown world preset {config.world_preset!r}; known: {', '.join(WORLD_PRESETS)}")
-    w = WORLD_PRESETS[config.world_preset]
+    w = world_preset(config.world_preset)
     return dataclasses.replace(config, lr=w.sft_lr, max_steps=w.sft_steps, global_batch_size=w.sft_batch,
                                micro_batch_size=w.micro_batch, warmup_ratio=w.warmup_ratio,
                                train_vision=w.sft_train_vision, max_length=w.lvlm_max_positions, out="runs/sft-world",
@@ -392,9 +390,9 @@ def main(argv=None) -> None:
         print_config(config, "sft")
 
     if world:
-        from recipes.world_models import WORLD_PRESETS, ensure_world_models, world_sft_records
+        from recipes.world_models import ensure_world_models, world_preset, world_sft_records
 
-        preset = WORLD_PRESETS[config.world_preset]
+        preset = world_preset(config.world_preset)
         models = ensure_world_models(preset)
         source = models.aligned
         records = world_sft_records(preset)

@@ -1155,20 +1155,42 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
         torch.set_num_threads(caller_threads)
 
 
-def bf16_cost_note(config: WorldModelsConfig) -> str | None:
-    """A warning when the LVLM stages would train under bfloat16 autocast on a CPU without bfloat16
-    instructions (AVX512-BF16 or AMX), where it costs 2-14x a float32 step (docs/BENCHMARKS.md); else None."""
-    if not config.lvlm_bf16 or torch.cuda.is_available():
-        return None
+def bf16_is_slow() -> bool:
+    """Whether bfloat16 autocast would slow the build down here: no GPU, and a CPU without bfloat16
+    instructions (AVX512-BF16 or AMX), where it costs 2-14x a float32 step (docs/BENCHMARKS.md). False
+    where PyTorch cannot tell (an older version): do not guess."""
+    if torch.cuda.is_available():
+        return False
     try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # an older PyTorch: do not guess
-        return None
-    if native:
+        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def world_preset(name: str) -> WorldModelsConfig:
+    """The world preset called ``name``. ``"auto"``, the recipes' default: ``"float32"`` where bfloat16 autocast
+    is slow (``bf16_is_slow``), else ``"default"`` (``resolve_world_preset``)."""
+    name = resolve_world_preset(name)
+    if name not in WORLD_PRESETS:
+        raise ValueError(f"world preset {name!r}: known presets are auto, {', '.join(WORLD_PRESETS)}")
+    return WORLD_PRESETS[name]
+
+
+def resolve_world_preset(name: str) -> str:
+    """``name``, with ``"auto"`` replaced by the preset it picks on this machine (see ``world_preset``)."""
+    if name != "auto":
+        return name
+    return "float32" if bf16_is_slow() else "default"
+
+
+def bf16_cost_note(config: WorldModelsConfig) -> str | None:
+    """A warning when the LVLM stages would train under bfloat16 autocast where it is slow (``bf16_is_slow``);
+    else None."""
+    if not config.lvlm_bf16 or not bf16_is_slow():
         return None
     return ("note: this CPU has no bfloat16 instructions (AVX512-BF16 / AMX); the LVLM stages' bfloat16 "
             "autocast (lvlm_bf16) costs 2-14x a float32 step here. The float32 preset builds faster "
-            "(--preset float32 here, --world_preset float32 in the recipes), with other models.")
+            "(--preset float32 here, --world_preset float32 or auto in the recipes), with other models.")
 
 
 def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None) -> WorldModels:
@@ -1386,14 +1408,16 @@ def main(argv=None) -> WorldModels:
     from recipes._common import add_config_arguments, config_from_args, print_config, set_cpu_threads
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="default", choices=sorted(WORLD_PRESETS))
+    parser.add_argument("--preset", default="auto", choices=["auto", *sorted(WORLD_PRESETS)],
+                        help="auto: float32 on a CPU without bfloat16 instructions, else default")
     parser.add_argument("--cache_dir", default=None, help=f"default: ${CACHE_ENV} or ~/.cache/lvlm_align")
     parser.add_argument("--rebuild", action="store_true", help="delete this config's cached models first")
     add_config_arguments(parser, WORLD_PRESETS["default"])
     args = parser.parse_args(argv)
-    config = config_from_args(args, WORLD_PRESETS[args.preset])
+    preset = resolve_world_preset(args.preset)
+    config = config_from_args(args, world_preset(preset))
     set_cpu_threads()
-    print_config(config, f"world models ({args.preset})")
+    print_config(config, f"world models ({preset})")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     root = cache_dir / f"world-{cache_key(config)}"
     if args.rebuild and is_main_process():

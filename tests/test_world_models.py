@@ -127,6 +127,28 @@ def test_bf16_cost_note_warns_only_for_bf16_autocast_without_bf16_instructions(
         assert "--preset float32" in note and not wm.WORLD_PRESETS["float32"].lvlm_bf16
 
 
+@pytest.mark.parametrize("cuda, avx512_bf16, amx, picked", [
+    (False, False, False, "float32"), (False, True, False, "default"), (False, False, True, "default"),
+    (True, False, False, "default")])
+def test_auto_world_preset_picks_float32_where_bfloat16_is_slow(monkeypatch, cuda, avx512_bf16, amx, picked):
+    import argparse
+
+    from recipes._common import config_from_args
+    from recipes.csr import CSRConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert wm.resolve_world_preset("auto") == picked
+    assert wm.world_preset("auto") is wm.WORLD_PRESETS[picked]
+    assert wm.world_preset("micro") is MICRO and wm.resolve_world_preset("micro") == "micro"
+    # a recipe's run records the preset "auto" picked, so a rerun elsewhere is told it differs
+    assert CSRConfig().world_preset == "auto"
+    assert config_from_args(argparse.Namespace(), CSRConfig()).world_preset == picked
+    with pytest.raises(ValueError, match="known presets are auto, default"):
+        wm.world_preset("fast")
+
+
 def test_cache_key_follows_the_config():
     assert wm.cache_key(MICRO) == wm.cache_key(dataclasses.replace(MICRO))
     assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, seed=1))

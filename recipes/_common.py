@@ -182,6 +182,16 @@ def _busy_cores_elsewhere(samples: int = 5, interval: float = 0.05) -> int:
     return sorted(counts)[len(counts) // 2]
 
 
+def threads_per_process() -> int:
+    """The CPU cores this process may use, shared evenly among the processes torchrun started on this machine
+    (``LOCAL_WORLD_SIZE``): a fixed count, so that ranks never take more threads than there are cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def set_cpu_threads(threads: int | None = None, *, verbose: bool = True) -> int:
     """Choose the number of intra-op threads on a machine without a GPU; returns it (0 on a GPU machine).
 

@@ -71,7 +71,7 @@ from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
 from recipes._common import (Progress, add_config_arguments, config_from_args, config_to_dict,  # noqa: E402
-                             print_config, set_cpu_threads)
+                             print_config, set_cpu_threads, threads_per_process)
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
 from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
@@ -572,15 +572,6 @@ def parse_config(argv=None) -> tuple[CSRConfig, argparse.Namespace]:
     if config.ptx_coef < 0 or config.ptx_examples < 1:
         parser.error(f"--ptx_coef must be >= 0 and --ptx_examples >= 1, got {config.ptx_coef}, {config.ptx_examples}")
     return config, args
-
-
-def threads_per_process() -> int:
-    """The CPU cores this process may use, shared among the processes torchrun started on this machine."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def main(argv=None) -> dict:

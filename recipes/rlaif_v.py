@@ -607,15 +607,6 @@ def check_model_matches_tokenizer(model, tokenizer: Tokenizer, where: Path) -> N
                          f"{model.config.text_config.vocab_size}")
 
 
-def threads_per_process() -> int:
-    """The cores this process may use, shared among the processes torchrun started on this machine."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def evaluation_set(config: RLAIFVConfig, world):
     """The held-out set: the world's test split, or a COCO-style set on a real run (None when not given)."""
     from recipes.evaluate import coco_eval_set, world_eval_set
@@ -650,7 +641,7 @@ def _table_row(metrics: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from recipes._common import config_to_dict, print_config, set_cpu_threads
+    from recipes._common import config_to_dict, print_config, set_cpu_threads, threads_per_process
 
     started = time.time()
     config, preset_name = resolve_config(argv)

@@ -284,7 +284,8 @@ class WorldModelsConfig:
     # pinned) gave an SFT model with CHAIR_s 39.5% and recall 63.3% (labeler 89.8%), against 25.5% / 79.8%
     # (93.2%) on two; two builds on two threads were bitwise equal. None: the free cores at each stage
     # (``set_cpu_threads``), as before -- fastest, but the models then depend on the machine's load.
-    # Under torchrun each rank picks from its free cores (the weights depend on the number of ranks anyway).
+    # Under torchrun each rank takes its even share of the cores (``threads_per_process``; the weights depend on the
+    # number of ranks anyway).
     build_threads: int | None = 2
     # bfloat16 autocast in the LVLM stages' training (``TrainConfig.cpu_bf16``; weights and optimizer
     # state stay float32). One optimizer step, batch 32, as a share of the float32 step
@@ -1058,8 +1059,8 @@ def ensure_world_models(config: WorldModelsConfig | None = None, *, cache_dir: s
 
     Under torchrun every rank calls this; the ranks train together, rank 0 writes. On a machine without
     a GPU a build trains with ``config.build_threads`` threads (``threads`` overrides it; None: the cores
-    free before each stage, ``recipes._common.set_cpu_threads``); the caller's setting is restored
-    afterwards. Returns the paths.
+    free before each stage, ``recipes._common.set_cpu_threads``), under torchrun with each rank's share of
+    the cores (``threads_per_process``); the caller's setting is restored afterwards. Returns the paths.
     """
     config = config or WORLD_PRESETS["default"]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -1196,9 +1197,12 @@ def bf16_cost_note(config: WorldModelsConfig) -> str | None:
 def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None) -> WorldModels:
     from tokenizers import Tokenizer as RawTokenizer
 
-    from recipes._common import set_cpu_threads
+    from recipes._common import set_cpu_threads, threads_per_process
 
-    fixed = threads if threads is not None else (c.build_threads if get_world_size() == 1 else None)
+    # Under torchrun each rank takes its share of the machine's cores, fixed (``threads_per_process``): a count
+    # chosen from the cores free at each stage gave a rank two threads while the other, momentarily idle, had
+    # one, and three threads on two cores made a CLIP step 20x slower.
+    fixed = threads if threads is not None else (c.build_threads if get_world_size() == 1 else threads_per_process())
     note = bf16_cost_note(c)
     if note:
         _log(verbose, note)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -100,15 +101,10 @@ def _replace_path(config, dotted: str, value):
 
 
 def config_from_args(args: argparse.Namespace, config):
-    """``config`` with every option the user gave (see ``add_config_arguments``) replaced, and a
-    ``world_preset`` of ``"auto"`` replaced by the preset it picks on this machine."""
+    """``config`` with every option the user gave (see ``add_config_arguments``) replaced."""
     for key, value in vars(args).items():
         if key.startswith("cfg:") and value is not None:
             config = _replace_path(config, key[len("cfg:"):], value)
-    if getattr(config, "world_preset", None) == "auto":  # the run records the preset "auto" picks here
-        from recipes.world_models import resolve_world_preset
-
-        config = dataclasses.replace(config, world_preset=resolve_world_preset("auto"))
     return config
 
 
@@ -180,6 +176,19 @@ def _busy_cores_elsewhere(samples: int = 5, interval: float = 0.05) -> int:
         counts.append(max(running - 1, 0))
         time.sleep(interval)
     return sorted(counts)[len(counts) // 2]
+
+
+@contextlib.contextmanager
+def built_on(device, dtype: torch.dtype):
+    """Modules constructed inside are allocated on ``device`` in ``dtype`` from the start, so a 7B model never
+    sits on the CPU, nor in float32, on its way to the GPU."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def threads_per_process() -> int:

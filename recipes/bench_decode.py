@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lvlm.config import preset  # noqa: E402
 from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
+from recipes._common import built_on  # noqa: E402
 from search.engine import Decoder  # noqa: E402
 from search.sentence_beam import mean_logprob_score, sentence_beam_search  # noqa: E402
 
@@ -90,16 +91,9 @@ def timed(fn, device):
 
 def build_model(name: str, dtype: torch.dtype, device: torch.device):
     """A random-init model built directly on the device, in ``dtype`` (no float32 copy first)."""
-    cfg = preset(name)
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    with built_on(device, dtype):
+        return LlavaForConditionalGeneration(preset(name)).eval()
 
 
 def make_prompts(model, n: int, text_tokens: int, seed: int, device, dtype):
@@ -227,13 +221,8 @@ def to_hf_llava(model):
 
     config = transformers.LlavaConfig.from_dict(model.config.to_hf())
     param = next(model.parameters())
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(param.dtype)
-    try:
-        with torch.device(param.device):
-            hf = transformers.LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    with built_on(param.device, param.dtype):
+        hf = transformers.LlavaForConditionalGeneration(config).eval()
     ours = model.state_dict()
     theirs = hf.state_dict()
 

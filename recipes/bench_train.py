@@ -47,6 +47,7 @@ from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
 from optim.dpo import dpo_loss  # noqa: E402
 from optim.logprobs import sequence_logprobs  # noqa: E402
 from optim.lora import LoRALinear, apply_lora  # noqa: E402
+from recipes._common import built_on  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEAK_TFLOPS = {  # dense bf16/fp16 tensor-core peak, data sheets; the first matching name wins
@@ -89,13 +90,8 @@ def sync(device: torch.device) -> None:
 def build_model(args, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Random weights, allocated on ``device`` in ``dtype`` from the start (a 7B model never sits on the CPU)."""
     torch.manual_seed(args.seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(preset(args.preset))
-    finally:
-        torch.set_default_dtype(default)
+    with built_on(device, dtype):
+        model = LlavaForConditionalGeneration(preset(args.preset))
     if args.lora_r > 0:
         apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=0.05)
     else:  # full fine-tuning of the language model; the vision tower and projector stay frozen (LLaVA-1.5)

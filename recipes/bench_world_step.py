@@ -123,6 +123,28 @@ def clip_step_ms(c, steps: int) -> dict:
     return {name: 1000 * s / (2 * steps) for name, s in seconds.items()}
 
 
+def world_model_and_tokenizer(c) -> tuple:
+    """The world's LVLM at ``c``'s size with random weights, set to train like the build's stages, and its tokenizer."""
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "tokenizer.json").write_text(wm.world_tokenizer_json(c))
+        tokenizer = Tokenizer.from_file(Path(directory) / "tokenizer.json")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(wm.lvlm_config(c, tokenizer.vocab_size))
+    wm.init_llava_weights(model)
+    set_trainable(model, vision=False, projector=True, language_model=True)
+    model.train()
+    return model, tokenizer
+
+
+def stage_dataset(c, stage: str, model, tokenizer, steps: int) -> ConversationDataset:
+    """``steps`` batches of 32 of the stage's own conversations, encoded as the build encodes them."""
+    records_fn, loss_on = STAGES[stage]
+    return ConversationDataset(records_fn(dataclasses.replace(c, ground_steps=steps, sft_steps=steps)), tokenizer,
+                               image_size=c.world.canvas_size, image_tokens_per_image=model.config.image_tokens_per_image,
+                               load_pixels=wm.WorldPixels(c.world), max_length=c.lvlm_max_positions, loss_on=loss_on,
+                               keep_encoded=True)
+
+
 # ``--processes``: the step through ``optim.train`` (``train_sft``, as the build runs it) in one process of two
 # threads against two ranks of one thread each (DDP over Gloo, what ``torchrun --nproc_per_node 2`` gives):
 # (ranks, threads per rank, micro-batch)
@@ -138,18 +160,8 @@ def _train_rank(rank: int, world: int, init_method: str, stage: str, micro: int,
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     torch.set_num_threads(threads)
     c = wm.WorldModelsConfig()
-    with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / "tokenizer.json").write_text(wm.world_tokenizer_json(c))
-        tokenizer = Tokenizer.from_file(Path(directory) / "tokenizer.json")
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(wm.lvlm_config(c, tokenizer.vocab_size))
-    wm.init_llava_weights(model)
-    set_trainable(model, vision=False, projector=True, language_model=True)
-    records_fn, loss_on = STAGES[stage]
-    dataset = ConversationDataset(records_fn(dataclasses.replace(c, ground_steps=steps, sft_steps=steps)), tokenizer,
-                                  image_size=c.world.canvas_size, image_tokens_per_image=model.config.image_tokens_per_image,
-                                  load_pixels=wm.WorldPixels(c.world), max_length=c.lvlm_max_positions, loss_on=loss_on,
-                                  keep_encoded=True)
+    model, tokenizer = world_model_and_tokenizer(c)
+    dataset = stage_dataset(c, stage, model, tokenizer, steps)
     with tempfile.TemporaryDirectory() as directory:
         config = wm._train_config(c, Path(directory), steps=steps, batch=32, lr=1e-3, verbose=False,
                                   micro_batch=micro, group_by_length=True)
@@ -191,14 +203,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     c = wm.WorldModelsConfig()
-    with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / "tokenizer.json").write_text(wm.world_tokenizer_json(c))
-        tokenizer = Tokenizer.from_file(Path(directory) / "tokenizer.json")
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(wm.lvlm_config(c, tokenizer.vocab_size))
-    wm.init_llava_weights(model)
-    set_trainable(model, vision=False, projector=True, language_model=True)
-    model.train()
+    model, tokenizer = world_model_and_tokenizer(c)
     collate = sft_collate_for(model, tokenizer)
 
     n = args.steps + 2
@@ -207,12 +212,7 @@ def main(argv=None) -> dict:
     print(f"one optimizer step, batch 32, {args.threads} thread(s), {args.steps} timed steps each")
     print(f"{'stage':<11}{'tokens/row':>11}  " + "".join(f"{name:>22}" for name in variants) + "   each / the first")
     for stage in args.stages:
-        records_fn, loss_on = STAGES[stage]
-        small = dataclasses.replace(c, ground_steps=n, sft_steps=n)
-        dataset = ConversationDataset(records_fn(small), tokenizer, image_size=c.world.canvas_size,
-                                      image_tokens_per_image=model.config.image_tokens_per_image,
-                                      load_pixels=wm.WorldPixels(c.world), max_length=c.lvlm_max_positions,
-                                      loss_on=loss_on, keep_encoded=True)
+        dataset = stage_dataset(c, stage, model, tokenizer, n)
         mean_tokens = sum(dataset.length(j) for j in range(32 * n)) / (32 * n)
         ms = {}
         for name, (bf16, fp32, parts, share) in variants.items():

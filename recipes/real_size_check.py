@@ -40,6 +40,7 @@ from lvlm.tokenizer import ASSISTANT_ROLE, SYSTEM, USER_ROLE  # noqa: E402
 from lvlm.world import WorldConfig  # noqa: E402
 from lvlm.world.text import DESCRIPTION_INSTRUCTIONS  # noqa: E402
 from lvlm.world.tokenizer import world_decoder, world_pre_tokenizer, world_words  # noqa: E402
+from recipes._common import built_on  # noqa: E402
 
 # name -> (LLaVA preset, CLIP preset)
 SIZES = {"7b": ("llava-1.5-7b", "clip-vit-large-patch14-336"), "tiny": ("tiny-llava", "tiny-clip")}
@@ -69,18 +70,6 @@ def word_level_tokenizer_json(vocab_size: int, special: dict[int, str]) -> str:
     return tokenizer.to_str()
 
 
-def random_model(cls, config, dtype: torch.dtype, device: torch.device):
-    """A model with PyTorch's default random initialisation, built in ``dtype`` on ``device``."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return cls(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def write_inputs(work: Path, size: str, n_prompts: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The stand-in checkpoints, images and prompts of the module docstring; returns their paths."""
     from recipes.world_models import render_world_image
@@ -94,13 +83,16 @@ def write_inputs(work: Path, size: str, n_prompts: int, dtype: torch.dtype, devi
     paths = {"model": work / "model", "clip": work / "clip", "images": work / "images", "data": work / "prompts.jsonl"}
     if not (paths["model"] / "tokenizer.json").is_file():  # written last
         started = time.time()
-        model = random_model(LlavaForConditionalGeneration, llava_config, dtype, device)
+        torch.manual_seed(0)
+        with built_on(device, dtype):  # PyTorch's default random initialisation
+            model = LlavaForConditionalGeneration(llava_config)
         save_lvlm(model, paths["model"])
         del model
         (paths["model"] / "tokenizer.json").write_text(word_level_tokenizer_json(text.vocab_size, special))
         print(f"wrote {paths['model']} ({llava_name}, random, {time.time() - started:.0f} s)", flush=True)
     if not (paths["clip"] / "tokenizer.json").is_file():
-        clip = random_model(CLIPModel, clip_config, dtype, device)
+        with built_on(device, dtype):
+            clip = CLIPModel(clip_config)
         save_clip(clip, paths["clip"])
         del clip
         (paths["clip"] / "tokenizer.json").write_text(word_level_tokenizer_json(clip_text.vocab_size, clip_special))

@@ -1338,13 +1338,13 @@ def measure_targets(c: WorldModelsConfig, clip, clip_raw, sft, labeler, tokenize
     n = c.eval_images
     first = clip_present_and_absent(clip, clip_raw, c.world, n)
     first_swapped = clip_swapped(clip, clip_raw, c.world, n)
-    if reward_clip is None or reward_clip is clip:
+    reward_clip = clip if reward_clip is None else reward_clip
+    if reward_clip is clip:
         reward, reward_swapped = first, first_swapped
-        reward_place = clip_swapped(clip, clip_raw, c.world, n, swap="place")
     else:
         reward = clip_present_and_absent(reward_clip, clip_raw, c.world, n)
         reward_swapped = clip_swapped(reward_clip, clip_raw, c.world, n)
-        reward_place = clip_swapped(reward_clip, clip_raw, c.world, n, swap="place")
+    reward_place = clip_swapped(reward_clip, clip_raw, c.world, n, swap="place")
     report = {"clip_present_over_absent": first["present_over_absent"],
               "reward_clip_present_over_absent": reward["present_over_absent"],
               "reward_clip_present_scored": reward["present_scored"],

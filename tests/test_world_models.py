@@ -131,9 +131,6 @@ def test_bf16_cost_note_warns_only_for_bf16_autocast_without_bf16_instructions(
     (False, False, False, "float32"), (False, True, False, "default"), (False, False, True, "default"),
     (True, False, False, "default")])
 def test_auto_world_preset_picks_float32_where_bfloat16_is_slow(monkeypatch, cuda, avx512_bf16, amx, picked):
-    import argparse
-
-    from recipes._common import config_from_args
     from recipes.csr import CSRConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -142,9 +139,11 @@ def test_auto_world_preset_picks_float32_where_bfloat16_is_slow(monkeypatch, cud
     assert wm.resolve_world_preset("auto") == picked
     assert wm.world_preset("auto") is wm.WORLD_PRESETS[picked]
     assert wm.world_preset("micro") is MICRO and wm.resolve_world_preset("micro") == "micro"
-    # a recipe's run records the preset "auto" picked, so a rerun elsewhere is told it differs
+    # a recipe's run records the world models' directory (``open_run``), named by the cache key of the preset
+    # "auto" picked, so a rerun on a machine where it picks another is told it differs
     assert CSRConfig().world_preset == "auto"
-    assert config_from_args(argparse.Namespace(), CSRConfig()).world_preset == picked
+    assert wm.cache_key(wm.world_preset("auto")) == wm.cache_key(wm.WORLD_PRESETS[picked])
+    assert wm.cache_key(wm.WORLD_PRESETS["float32"]) != wm.cache_key(wm.WORLD_PRESETS["default"])
     with pytest.raises(ValueError, match="known presets are auto, default"):
         wm.world_preset("fast")
 

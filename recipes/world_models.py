@@ -194,6 +194,12 @@ class WorldModelsConfig:
     # step, 2 threads of an AMD EPYC (Zen 3; ``recipes/bench_world_step.py --clip``): 268 ms with PyTorch's
     # fused attention, 201 ms with ``lvlm.clip.attention``'s written-out form for short texts, 163 ms in four groups.
     clip_text_length_groups: int = 4
+    # Pairs contrasted together: each batch is cut into micro-batches of this many pairs (with their hard
+    # negatives), each its own InfoNCE, the losses averaged -- what ``torchrun --nproc_per_node 2`` does with 128,
+    # each rank contrasting its own 64. 0: a rank's share of ``clip_batch`` at once. Both CLIPs take it. The
+    # float32 chain on CLIPs of 64 pairs answered yes/no far better (SFT POPE 87-90% against 72%) and, in one
+    # process, described far worse (recall 58.5%; docs/WORLD_BUILDS.md), so no preset sets it.
+    clip_contrast_pairs: int = 0
     # CSR's reward CLIP (R_I), a second CLIP of the same size trained with the sign term, so that its clipped
     # score max(100 cos, 0) is 0 for a sentence about an absent object (``reward_clip_config``).
     # reward_clip_steps 0: no second CLIP, CSR scores with the first one. The SFT model's made-up sentences
@@ -1016,9 +1022,16 @@ def short_answer_accuracy(model, tokenizer: Tokenizer, world: WorldConfig, n_ima
 # ---------------------------------------------------------------------------------------------
 
 
+# Fields added after FORMAT_VERSION 5, with the value that builds as before: left out of the key at that value,
+# so that the models already cached keep their keys.
+_KEY_NEUTRAL = {"clip_contrast_pairs": 0}
+
+
 def cache_key(config: WorldModelsConfig) -> str:
-    """12 hex digits of SHA-256 over the config (as JSON), the tokenizer file and FORMAT_VERSION."""
-    text = json.dumps({"config": dataclasses.asdict(config), "format": FORMAT_VERSION,
+    """12 hex digits of SHA-256 over the config (as JSON; ``_KEY_NEUTRAL`` fields only when set), the tokenizer
+    file and FORMAT_VERSION."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if _KEY_NEUTRAL.get(k, ...) != v}
+    text = json.dumps({"config": fields, "format": FORMAT_VERSION,
                        "tokenizer": world_tokenizer_json(config)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -1247,7 +1260,7 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
                                 sign_positive_share=cc.clip_sign_positive_share,
                                 text_length_groups=cc.clip_text_length_groups),
               _train_config(cc, root / "train" / name, steps=cc.clip_steps, batch=cc.clip_batch, lr=cc.clip_lr,
-                            verbose=verbose, micro_batch=cc.clip_batch // get_world_size()),  # a rank's share at once
+                            verbose=verbose, micro_batch=cc.clip_contrast_pairs or cc.clip_batch // get_world_size()),
               collate_fn=pairs.collate)
         model.requires_grad_(False)
         model.eval()

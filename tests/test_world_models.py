@@ -154,6 +154,15 @@ def test_cache_key_follows_the_config():
     assert wm.cache_key(MICRO) != wm.cache_key(
         dataclasses.replace(MICRO, world=dataclasses.replace(MICRO.world, noise_share=0.3)))
     assert wm.cache_key(MICRO) != wm.cache_key(wm.WORLD_PRESETS["default"])
+    assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, clip_contrast_pairs=8))
+
+
+def test_fields_added_later_keep_the_cached_models_keys_at_their_neutral_value(monkeypatch):
+    """A config at the ``_KEY_NEUTRAL`` values hashes as the same config did before those fields existed."""
+    now, added, asdict = wm.cache_key(MICRO), set(wm._KEY_NEUTRAL), dataclasses.asdict
+    monkeypatch.setattr(wm.dataclasses, "asdict", lambda c: {k: v for k, v in asdict(c).items() if k not in added})
+    monkeypatch.setattr(wm, "_KEY_NEUTRAL", {})
+    assert wm.cache_key(MICRO) == now
 
 
 def test_builds_are_deterministic_and_atomic(micro, tmp_path, monkeypatch):
@@ -206,8 +215,22 @@ def test_a_build_under_torchrun_trains_as_one_process_does(tmp_path):
         one_process = load_file(one / name / "model.safetensors")
         # Adam's first steps move a weight by about lr x sign(gradient) however small the gradient, so the
         # few weights whose gradient is near 0 can go either way with the rounding; all the others agree.
-        close = sum(int(torch.isclose(one_process[k], v, rtol=1e-4, atol=1e-5).sum()) for k, v in two_processes.items())
-        assert close >= 0.99 * sum(v.numel() for v in two_processes.values()), name
+        assert share_close(one_process, two_processes) >= 0.99, name
+    # CLIP: one process contrasting micro-batches of half the batch (``clip_contrast_pairs``) takes the two
+    # ranks' step; contrasting the whole batch at once, as one process does by default, does not.
+    halves = tmp_path / "one-clip-halves"
+    wm.build_world_models(dataclasses.replace(MICRO, clip_contrast_pairs=MICRO.clip_batch // 2), halves, verbose=False)
+    whole = tmp_path / "one-clip-whole"
+    wm.build_world_models(MICRO, whole, verbose=False)
+    two_processes = load_file(two / "clip" / "model.safetensors")
+    assert share_close(load_file(halves / "clip" / "model.safetensors"), two_processes) >= 0.99
+    assert share_close(load_file(whole / "clip" / "model.safetensors"), two_processes) < 0.9
+
+
+def share_close(a: dict, b: dict) -> float:
+    """The share of the weights of state dict ``b`` that ``a`` matches (rtol 1e-4, atol 1e-5)."""
+    close = sum(int(torch.isclose(a[k], v, rtol=1e-4, atol=1e-5).sum()) for k, v in b.items())
+    return close / sum(v.numel() for v in b.values())
 
 
 def test_clip_texts_end_with_the_clip_end_token_and_pool_there(micro):

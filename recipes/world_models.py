@@ -1222,6 +1222,10 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
     note = bf16_cost_note(c)
     if note:
         _log(verbose, note)
+    stages = {"clip": c.clip_steps, "reward_clip": c.reward_clip_steps, "grounded": c.ground_steps,
+              "aligned": c.align_steps, "sft": c.sft_steps, "labeler": c.labeler_steps}
+    to_train = [f"{name} ({steps} steps)" for name, steps in stages.items() if steps > 0 and not _done(root / name)]
+    _log(verbose, f"stages to train, in order: {', '.join(to_train)}" if to_train else "every stage is saved already")
 
     def choose_threads():
         n = set_cpu_threads(fixed, verbose=False)

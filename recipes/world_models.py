@@ -616,22 +616,14 @@ class ClipPairs:
         return {"pixel_values": self.pixels[single](seed), "text": text, "negatives": negatives}
 
     def collate(self, examples: list) -> dict:
-        """``collate_clip``'s batch: the paired texts first, then every example's negatives, in one call."""
+        """Images [B, 3, H, W]; texts [B + N, T]: the B paired texts first, then every example's hard negatives,
+        right-padded with the end token (pooling takes its first occurrence), tokenized in one call;
+        ``negative_owner`` [N]: the example (image) each negative was made from."""
         texts = [e["text"] for e in examples] + [t for e in examples for t in e["negatives"]]
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "input_ids": encode_clip_texts(self.tokenizer, texts),
                 "negative_owner": torch.tensor([i for i, e in enumerate(examples) for _ in e["negatives"]],
                                                dtype=torch.long)}
-
-
-def collate_clip(examples: list, *, pad_id: int = CLIP_EOS_ID) -> dict:
-    """Images [B, 3, H, W]; texts [B + N, T]: the B paired texts first, then every example's hard negatives,
-    right-padded with the end token (pooling takes its first occurrence); ``negative_owner`` [N]: the
-    example (image) each negative was made from. Token ids as lists or 1-D tensors."""
-    negatives = [(i, t) for i, e in enumerate(examples) for t in e.get("negative_ids", [])]
-    texts = [e["input_ids"] for e in examples] + [t for _, t in negatives]
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": pad_batch(texts, pad_id)[0],
-            "negative_owner": torch.tensor([i for i, _ in negatives], dtype=torch.long)}
 
 
 def clip_loss(model, batch: dict, *, sign_weight: float = 0.0, sign_scale: float | None = None,

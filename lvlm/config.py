@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .records import read_json
+
 
 def _pick(cls, d: dict) -> dict:
     """The entries of ``d`` that are fields of dataclass ``cls``."""
@@ -245,12 +247,7 @@ def read_config(path: str | Path) -> LlavaConfig | CLIPConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json at {path}")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    d = read_json(path, "config.json")
     kind = d.get("model_type")
     if kind == "llava":
         return LlavaConfig.from_hf(d)

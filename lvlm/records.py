@@ -63,7 +63,7 @@ def read_records(path: str | Path, *, repair: bool = True) -> Iterator[tuple[int
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
+        raise FileNotFoundError(f"no data file at {path}")
     if repair:
         _drop_torn_tail(path)
     with open(path) as f:
@@ -79,6 +79,18 @@ def read_records(path: str | Path, *, repair: bool = True) -> Iterator[tuple[int
             yield number, record
 
 
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """The JSON value in ``path``. A missing file raises ``FileNotFoundError("no <what> at <path>")``, one
+    that is not valid JSON ``ValueError("file:line: not valid JSON (...)")``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
 def read_located_records(path: str | Path) -> list[tuple[str, object]]:
     """``(where, record)`` for each record (a dict) of a JSONL file (where = ``"file:line"``) or of a JSON
     file holding a list of objects (where = ``"file record i"``), so that a caller checking the records'
@@ -86,12 +98,7 @@ def read_located_records(path: str | Path) -> list[tuple[str, object]]:
     path = Path(path)
     if path.suffix != ".json":
         return [(f"{path}:{line}", record) for line, record in read_records(path, repair=False)]
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = read_json(path, "data file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
     for i, record in enumerate(data):

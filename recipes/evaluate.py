@@ -37,7 +37,6 @@ atomically); the generated texts go to ``details`` when given.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from collections import Counter
@@ -50,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lvlm.image import load_image, preprocess_image  # noqa: E402
-from lvlm.records import write_json_atomic  # noqa: E402
+from lvlm.records import read_json, write_json_atomic  # noqa: E402
 from lvlm.tokenizer import Tokenizer, encode_prompt  # noqa: E402
 from rewards.metrics import build_vocabulary, chair, load_synonyms, multiple_choice_accuracy, parse_yes_no, pope  # noqa: E402
 
@@ -139,12 +138,7 @@ def coco_eval_set(annotations: str | Path, images: str | Path, synonyms: str | P
     three absent categories.
     """
     annotations, images = Path(annotations), Path(images)
-    try:
-        data = json.loads(annotations.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {annotations}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{annotations}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = read_json(annotations, "annotation file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ValueError(f"{annotations}: expected a list under {key!r} (a COCO instances file)")

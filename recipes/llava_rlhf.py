@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lvlm.checkpoint import copy_tokenizer, load_lvlm, save_lvlm  # noqa: E402
 from lvlm.image import load_image, preprocess_image  # noqa: E402
-from lvlm.records import read_located_records, write_json_atomic  # noqa: E402
+from lvlm.records import read_json, read_located_records, write_json_atomic  # noqa: E402
 from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt, pad_batch  # noqa: E402
 from optim import apply_lora, merge_lora, reward_accuracy, reward_model_loss  # noqa: E402
 from optim.lora import lora_modules  # noqa: E402
@@ -455,12 +455,7 @@ def load_captions(path: str | Path) -> dict[str, list[str]]:
     (``{"file.jpg": ["caption", ...]}``) or a COCO captions file (``images`` + ``annotations`` with
     ``image_id`` and ``caption``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such captions file: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = read_json(path, "captions file")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list) and isinstance(data.get("images"), list):
         try:
             names = {im["id"]: im["file_name"] for im in data["images"]}

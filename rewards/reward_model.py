@@ -30,6 +30,7 @@ from torch import nn
 
 from lvlm.checkpoint import load_lvlm, save_lvlm
 from lvlm.llava import LlavaForConditionalGeneration
+from lvlm.records import read_json
 from lvlm.tokenizer import SYSTEM, pad_batch
 
 from .fact_prompt import END_OF_TURN, IMAGE_TOKEN, fact_prompt
@@ -158,12 +159,7 @@ def load_reward_model(path: str | Path, *, dtype: torch.dtype | str | None = Non
     """A `RewardModel` from a directory written by `save_reward_model` (dtype / device as `lvlm.load_lvlm`)."""
     path = Path(path)
     meta_file = path / META_FILE
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"load_reward_model: no {META_FILE} in {path} (not a saved reward model)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"load_reward_model: cannot read {meta_file}: {e}") from e
+    meta = read_json(meta_file, f"{META_FILE} (not a saved reward model)")
     head_file = path / meta.get("head_file", HEAD_FILE)
     if not head_file.is_file():
         raise FileNotFoundError(f"load_reward_model: {meta_file} names {head_file.name}, which is missing")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lvlm.records import ShardedWriter, merge_shards, read_data_file, read_records, write_json_atomic
+from lvlm.records import ShardedWriter, merge_shards, read_data_file, read_json, read_records, write_json_atomic
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -54,3 +54,15 @@ def test_json_list_files_and_atomic_json(tmp_path):
     bad.write_text('{"id": 1}')
     with pytest.raises(ValueError, match="expected a JSON list"):
         read_data_file(bad)
+
+
+def test_read_json_names_a_missing_file_and_the_line_of_bad_json(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}')
+    assert read_json(good) == {"a": [1, 2]}
+    with pytest.raises(FileNotFoundError, match=r"no annotation file at .*absent\.json"):
+        read_json(tmp_path / "absent.json", "annotation file")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "a": 1,\n  "b": \n}\n')
+    with pytest.raises(ValueError, match=r"bad\.json:4: not valid JSON"):
+        read_json(bad)

@@ -116,6 +116,9 @@ class CSRConfig:
     lam: float = 0.9  # weight of the CLIP score R_I; 0 = self-rewarding only (no CLIP needed)
     normalize: str = "none"  # "none" (paper) | "rank" (the released code's rank mix)
     self_reduce: str = "mean"  # R_T: "mean" (released code) or "sum" of the sentence's token log-probs
+    # not in the paper: R_I = 0 for a sentence whose CLIP text features have cosine >= this with an earlier
+    # sentence of its path (it repeats it; rewards/csr_scorer.py); None: off, as in the paper
+    redundant_cos: float | None = None
     # the sentence-level beam search (released code: 5 candidates per beam, 70 tokens per sentence)
     n_candidates: int = 5
     k: int = 2  # nodes kept per depth: the k best ...
@@ -424,7 +427,8 @@ def pair_collector(model, tokenizer: Tokenizer, clip, clip_tokenize, load_image:
         if config.lam > 0:  # CLIP's own preprocessing (resize + centre-crop, no padding), as CLIPImageProcessor
             clip_pixels = torch.stack([preprocess_image(image, size=clip_size, pad_to_square=False) for image in images])
         scorer = CalibratedScorer(clip, clip_tokenize, clip_pixels, lam=config.lam, self_reduce=config.self_reduce,
-                                  normalize=None if config.normalize == "none" else config.normalize)
+                                  normalize=None if config.normalize == "none" else config.normalize,
+                                  redundant_cos=config.redundant_cos)
         was_training = model.training
         model.eval()
         results = sentence_beam_search(

@@ -16,6 +16,15 @@ and its sibling group. `CalibratedScorer` keeps the CLIP image features of every
 (encoded once, when it is built) and, per call, runs ONE batched `encode_text` over all
 candidate texts of the depth.
 
+`redundant_cos` (not in the paper; None, the paper, turns it off): a sentence whose CLIP text features
+have cosine >= redundant_cos with those of an earlier sentence of its own path earns R_I = 0. It says
+nothing the path has not said; without the rule a CLIP that cannot tell where an object is pays again
+for "In the centre, there is an orange star." after "At the top, there is an orange star.", and the
+summed reward makes the chosen response the one that repeats (on the built-in world, docs/CSR.md).
+It is Maximal Marginal Relevance's redundancy term (Carbonell and Goldstein 1998) used as a gate.
+The text features of every scored sentence are kept by path, so each candidate is compared with its
+own ancestors only.
+
 `normalize="rank"` gives the released code's variant: within each sibling group (candidates
 of one parent) both raw scores are replaced by rank / n and mixed as
 `(1 - lam) * rank_T + lam * rank_I`, where LOWER is better. The scorer returns the NEGATED
@@ -77,6 +86,8 @@ class CalibratedScorer:
     normalize: None (paper: lam * R_I + (1 - lam) * R_T, higher is better) or "rank" (the
         released code's rank mix inside sibling groups; returned negated, see the module
         docstring).
+    redundant_cos: None (paper) or a cosine in (-1, 1]: a sentence this close, in CLIP's text features,
+        to an earlier sentence of its path gets R_I = 0 (see the module docstring).
     text_batch_size: at most this many texts per `encode_text` call.
 
     After each call, `last_clip_scores` (R_I), `last_self_scores` (R_T) and `last_scores` (what
@@ -94,6 +105,7 @@ class CalibratedScorer:
         lam: float = 0.9,
         self_reduce: str = "mean",
         normalize: str | None = None,
+        redundant_cos: float | None = None,
         text_batch_size: int = 256,
     ):
         if not 0.0 <= lam <= 1.0:
@@ -102,9 +114,12 @@ class CalibratedScorer:
             raise ValueError(f"CalibratedScorer: self_reduce must be 'mean' or 'sum', got {self_reduce!r}")
         if normalize not in (None, "rank"):
             raise ValueError(f"CalibratedScorer: normalize must be None or 'rank', got {normalize!r}")
+        if redundant_cos is not None and not -1.0 < redundant_cos <= 1.0:
+            raise ValueError(f"CalibratedScorer: redundant_cos must be None or lie in (-1, 1], got {redundant_cos}")
         if text_batch_size < 1:
             raise ValueError(f"CalibratedScorer: text_batch_size must be >= 1, got {text_batch_size}")
         self.lam, self.self_reduce, self.normalize = lam, self_reduce, normalize
+        self.redundant_cos = redundant_cos
         self.text_batch_size = text_batch_size
         self.uses_clip = lam > 0
         self.clip, self.clip_tokenize_fn, self.image_features = None, None, None
@@ -120,6 +135,8 @@ class CalibratedScorer:
         self.last_self_scores = torch.zeros(0)
         self.last_scores = torch.zeros(0)
         self.parts_by_path: dict[tuple[int, tuple[int, ...]], tuple[float, float]] = {}
+        # (prompt_index, path token ids) -> unit CLIP text features [d, D] of the path's d sentences
+        self.features_by_path: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
     # -- the two parts ---------------------------------------------------------------------
 
@@ -133,24 +150,43 @@ class CalibratedScorer:
         return self_score(padded, mask, reduce=self.self_reduce)
 
     @torch.no_grad()
-    def clip_scores(self, texts: Sequence[str], prompt_index: Sequence[int]) -> torch.Tensor:
-        """R_I [N] of each text against its prompt's image; texts encoded in batches, images reused."""
-        prompt_index = torch.as_tensor(list(prompt_index), dtype=torch.long)
-        P = self.image_features.shape[0]
-        if len(prompt_index) and (int(prompt_index.min()) < 0 or int(prompt_index.max()) >= P):
-            raise ValueError(f"CalibratedScorer: candidates come from prompts {sorted(set(prompt_index.tolist()))} "
-                             f"but the scorer holds images of {P} prompts")
-        scores = []
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """CLIP's text features [N, D] (float32, on the CLIP's device), encoded in batches."""
+        features = []
         for start in range(0, len(texts), self.text_batch_size):
             chunk = list(texts[start : start + self.text_batch_size])
             ids = torch.as_tensor(self.clip_tokenize_fn(chunk), dtype=torch.long)
             if ids.dim() != 2 or ids.shape[0] != len(chunk):
                 raise ValueError(f"CalibratedScorer: clip_tokenize_fn returned shape {tuple(ids.shape)} for "
                                  f"{len(chunk)} texts; expected [{len(chunk)}, T]")
-            text_features = self.clip.encode_text(ids.to(self.device))  # [n, D]
-            images = self.image_features[prompt_index[start : start + len(chunk)].to(self.device)]
-            scores.append(clip_score_from_features(images, text_features).cpu())
-        return torch.cat(scores)
+            features.append(self.clip.encode_text(ids.to(self.device)).float())
+        return torch.cat(features)
+
+    def clip_scores(self, texts: Sequence[str], prompt_index: Sequence[int], text_features=None) -> torch.Tensor:
+        """R_I [N] of each text against its prompt's image (images encoded once, at construction)."""
+        prompt_index = torch.as_tensor(list(prompt_index), dtype=torch.long)
+        P = self.image_features.shape[0]
+        if len(prompt_index) and (int(prompt_index.min()) < 0 or int(prompt_index.max()) >= P):
+            raise ValueError(f"CalibratedScorer: candidates come from prompts {sorted(set(prompt_index.tolist()))} "
+                             f"but the scorer holds images of {P} prompts")
+        text_features = self.text_features(texts) if text_features is None else text_features
+        images = self.image_features[prompt_index.to(self.device)]
+        return clip_score_from_features(images, text_features).cpu()
+
+    def zero_redundant(self, r_i: torch.Tensor, text_features: torch.Tensor, candidates) -> torch.Tensor:
+        """R_I with 0 for every candidate within ``redundant_cos`` of an earlier sentence of its path; records
+        each candidate's path features for the next depth."""
+        r_i = r_i.clone()
+        unit = F.normalize(text_features, dim=-1).cpu()  # [N, D]
+        for i in range(len(candidates)):
+            prompt = candidates.prompt_index[i]
+            earlier = self.features_by_path.get((prompt, tuple(candidates.prefix_token_ids[i])))  # [d, D] or None
+            if earlier is not None and float((earlier @ unit[i]).max()) >= self.redundant_cos:
+                r_i[i] = 0.0
+            path = tuple(candidates.prefix_token_ids[i]) + tuple(candidates.token_ids[i])
+            mine = unit[i : i + 1]
+            self.features_by_path[(prompt, path)] = mine if earlier is None else torch.cat([earlier, mine])
+        return r_i
 
     # -- the score_fn ----------------------------------------------------------------------
 
@@ -164,7 +200,13 @@ class CalibratedScorer:
         if empty:
             raise ValueError(f"CalibratedScorer: candidates {empty} have no tokens")
         r_t = self.self_scores(candidates.logprobs)  # [N]
-        r_i = self.clip_scores(candidates.texts, candidates.prompt_index) if self.uses_clip else torch.zeros(N)
+        if self.uses_clip:
+            features = self.text_features(candidates.texts)  # [N, D]
+            r_i = self.clip_scores(candidates.texts, candidates.prompt_index, features)
+            if self.redundant_cos is not None:
+                r_i = self.zero_redundant(r_i, features, candidates)
+        else:
+            r_i = torch.zeros(N)
         if self.normalize == "rank":
             scores = -rank_normalized_reward(r_i, r_t, list(candidates.group), a=self.lam)
         else:

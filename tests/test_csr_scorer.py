@@ -106,6 +106,41 @@ def test_lam_zero_needs_no_clip():
     assert scorer.last_clip_scores.tolist() == [0.0] * 5
 
 
+def depth_candidates(texts, prompt_index, prefixes, first_token):
+    """Candidates of one depth: one token each (first_token, first_token + 1, ...), after the given paths."""
+    n = len(texts)
+    return Candidates(
+        token_ids=[[first_token + i] for i in range(n)], logprobs=[torch.tensor([-1.0])] * n, texts=list(texts),
+        prompt_index=list(prompt_index), parent=[0] * n, group=list(range(n)), image_index=list(prompt_index),
+        prefix_token_ids=[list(p) for p in prefixes], depth=len(prefixes[0]), pixel_values=None)
+
+
+def test_redundant_sentences_earn_no_clip_score():
+    # Text features (TableCLIP): t0 (1, 1), t2 (0, 3), t3 (2, 0); prompt 0's image (1, 0), prompt 1's (0, 2).
+    # cos(t0, t3) = cos(t0, t2) = 1/sqrt(2) = 0.7071; cos(t0, t0) = 1; cos(t2, t3) = 0.
+    def run(redundant_cos):
+        scorer = CalibratedScorer(TableCLIP(), table_tokenize, hand_images(), lam=1.0, redundant_cos=redundant_cos)
+        scorer(depth_candidates(["t0", "t0"], [0, 1], [[], []], 10))  # paths (0, [10]) and (1, [11])
+        # depth 1 after prompt 0's "t0": t0 again, t3, t2; and prompt 1's t3 after its own "t0"
+        r1 = scorer(depth_candidates(["t0", "t3", "t2", "t3"], [0, 0, 0, 1], [[10], [10], [10], [11]], 20))
+        # depth 2 after prompt 0's "t0", "t3": t0 repeats the first sentence, not the second
+        r2 = scorer(depth_candidates(["t0", "t2"], [0, 0], [[10, 21], [10, 21]], 30))
+        return r1.tolist(), r2.tolist()
+
+    r1, r2 = run(None)  # the paper: every sentence scored against the image alone
+    assert r1 == pytest.approx([100 / math.sqrt(2), 100.0, 0.0, 0.0], abs=1e-3)
+    assert r2 == pytest.approx([100 / math.sqrt(2), 0.0], abs=1e-3)
+    r1, r2 = run(0.8)  # the repeats of t0 (cos 1) score 0; t3 and t2 (cos 0.71 with t0) keep theirs
+    assert r1 == pytest.approx([0.0, 100.0, 0.0, 0.0], abs=1e-3)
+    assert r2 == pytest.approx([0.0, 0.0], abs=1e-3)
+    r1, _ = run(0.7)  # at 0.7 t3 is within reach of t0 too, on prompt 0's path only
+    assert r1 == pytest.approx([0.0, 0.0, 0.0, 0.0], abs=1e-3)
+    scorer = CalibratedScorer(TableCLIP(), table_tokenize, hand_images(), lam=1.0, redundant_cos=0.99)
+    scorer(depth_candidates(["t0"], [0], [[]], 10))
+    # prompt 1 has no sentence yet: the same tokens on another prompt's path are not its ancestors
+    assert scorer(depth_candidates(["t2"], [1], [[10]], 20)).tolist() == pytest.approx([100.0], abs=1e-3)
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="lam > 0 needs clip"):
         CalibratedScorer(None, table_tokenize, hand_images())
@@ -113,6 +148,8 @@ def test_constructor_errors():
         CalibratedScorer(TableCLIP(), table_tokenize, hand_images(), lam=1.5)
     with pytest.raises(ValueError, match="normalize"):
         CalibratedScorer(TableCLIP(), table_tokenize, hand_images(), normalize="mean")
+    with pytest.raises(ValueError, match="redundant_cos"):
+        CalibratedScorer(TableCLIP(), table_tokenize, hand_images(), redundant_cos=-1.0)
     scorer = CalibratedScorer(TableCLIP(), table_tokenize, hand_images()[:1])
     with pytest.raises(ValueError, match="images of 1 prompts"):
         scorer(hand_candidates())

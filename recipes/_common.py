@@ -47,15 +47,25 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _GivenNone:
+    """``--field none``: set the field to None. (argparse's own None means the option was not given.)"""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+GIVEN_NONE = _GivenNone()
+
+
 def _parse_scalar(text: str):
-    """A value for a field whose default is None: int, float, bool, 'none', else the string."""
+    """A value for a field whose default is None: int, float, bool, 'none' (``GIVEN_NONE``), else the string."""
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
     if text.lower() in ("none", "null"):
-        return None
+        return GIVEN_NONE
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     return text
@@ -101,10 +111,11 @@ def _replace_path(config, dotted: str, value):
 
 
 def config_from_args(args: argparse.Namespace, config):
-    """``config`` with every option the user gave (see ``add_config_arguments``) replaced."""
+    """``config`` with every option the user gave (see ``add_config_arguments``) replaced; ``--field none``
+    sets a field whose default is None back to None (a preset may have set it)."""
     for key, value in vars(args).items():
         if key.startswith("cfg:") and value is not None:
-            config = _replace_path(config, key[len("cfg:"):], value)
+            config = _replace_path(config, key[len("cfg:"):], None if value is GIVEN_NONE else value)
     return config
 
 

@@ -238,3 +238,17 @@ def test_real_checkpoint_path_on_small_data(tmp_path, micro_models):
                      str(conversations)])
     timings = json.loads((tmp_path / "ptx" / "iter1" / "timings.json").read_text())
     assert timings["dpo"]["ptx_nll"] > 0  # the replayed conversation's answer NLL was in the loss
+
+
+def test_the_world_preset_picks_csr_settings_and_flags_still_win():
+    from recipes.csr import WORLD_CSR, WORLD_CSR_ON, parse_config
+
+    default, _ = parse_config(["--world_preset", "default"])
+    assert (default.redundant_cos, default.w_sft) == (WORLD_CSR.redundant_cos, WORLD_CSR.w_sft) == (None, 1.0)
+    f32, _ = parse_config(["--world_preset", "float32"])
+    assert (f32.redundant_cos, f32.w_sft) == (WORLD_CSR_ON["float32"]["redundant_cos"], WORLD_CSR_ON["float32"]["w_sft"])
+    assert f32.redundant_cos is not None
+    mine, _ = parse_config(["--world_preset", "float32", "--w_sft", "1", "--redundant_cos", "none"])
+    assert (mine.redundant_cos, mine.w_sft) == (None, 1.0)  # "none" sets a field back to None
+    paper, _ = parse_config(["--model", "some/dir"])
+    assert paper.redundant_cos is None and paper.w_sft == 0.0  # real checkpoints: the paper's CSR

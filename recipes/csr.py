@@ -43,7 +43,9 @@ replace 13k COCO images; short caps fit its 1-5 sentence descriptions; and the D
 chosen response's mean token NLL (``--w_sft 1``, not in the paper), without which the model also
 learns from the pairs to stop early, and InstructGPT's ptx term on replayed SFT conversations
 (``--ptx_coef 1``, ``recipes/_ptx.py``; not in the paper either), without which the description pairs
-also lower POPE F1. Each value is listed in ``WORLD_CSR``'s comment.
+also lower POPE F1. Each value is listed in ``WORLD_CSR``'s comment. On the float32 world preset's models
+``WORLD_CSR_ON`` also gives a sentence that repeats an earlier one of its path no CLIP score
+(``--redundant_cos``, not in the paper either) and weighs the SFT term 2.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ from lvlm.records import read_located_records, write_json_atomic  # noqa: E402
 from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
-from recipes._common import (GIVEN_NONE, Progress, add_config_arguments, config_from_args,  # noqa: E402
-                             config_to_dict, print_config, set_cpu_threads, threads_per_process)
+from recipes._common import (Progress, add_config_arguments, config_from_args, config_to_dict,  # noqa: E402
+                             print_config, set_cpu_threads, threads_per_process)
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
 from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
@@ -581,13 +581,13 @@ def parse_config(argv=None) -> tuple[CSRConfig, argparse.Namespace]:
                         help="collect: stop after iteration 1's data collection (to test that stage alone)")
     add_config_arguments(parser, PAPER_CSR)
     args = parser.parse_args(argv)
-    given_model = getattr(args, "cfg:model") not in (None, GIVEN_NONE)
-    preset = args.preset or ("paper" if given_model else "world")
+    given = config_from_args(args, PAPER_CSR)  # what the flags say, over the paper's defaults
+    preset = args.preset or ("paper" if given.model is not None else "world")
     defaults = PRESETS[preset]
     if preset == "world":
         from recipes.world_models import resolve_world_preset
 
-        world = resolve_world_preset(config_from_args(args, defaults).world_preset)
+        world = resolve_world_preset(given.world_preset)
         defaults = dataclasses.replace(defaults, **WORLD_CSR_ON.get(world, {}))
     config = config_from_args(args, defaults)
     if config.normalize not in ("none", "rank"):

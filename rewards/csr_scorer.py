@@ -162,14 +162,13 @@ class CalibratedScorer:
             features.append(self.clip.encode_text(ids.to(self.device)).float())
         return torch.cat(features)
 
-    def clip_scores(self, texts: Sequence[str], prompt_index: Sequence[int], text_features=None) -> torch.Tensor:
-        """R_I [N] of each text against its prompt's image (images encoded once, at construction)."""
+    def clip_scores(self, text_features: torch.Tensor, prompt_index: Sequence[int]) -> torch.Tensor:
+        """R_I [N] of each text's features [N, D] against its prompt's image (encoded once, at construction)."""
         prompt_index = torch.as_tensor(list(prompt_index), dtype=torch.long)
         P = self.image_features.shape[0]
         if len(prompt_index) and (int(prompt_index.min()) < 0 or int(prompt_index.max()) >= P):
             raise ValueError(f"CalibratedScorer: candidates come from prompts {sorted(set(prompt_index.tolist()))} "
                              f"but the scorer holds images of {P} prompts")
-        text_features = self.text_features(texts) if text_features is None else text_features
         images = self.image_features[prompt_index.to(self.device)]
         return clip_score_from_features(images, text_features).cpu()
 
@@ -202,7 +201,7 @@ class CalibratedScorer:
         r_t = self.self_scores(candidates.logprobs)  # [N]
         if self.uses_clip:
             features = self.text_features(candidates.texts)  # [N, D]
-            r_i = self.clip_scores(candidates.texts, candidates.prompt_index, features)
+            r_i = self.clip_scores(features, candidates.prompt_index)
             if self.redundant_cos is not None:
                 r_i = self.zero_redundant(r_i, features, candidates)
         else:

@@ -244,11 +244,12 @@ def test_the_world_preset_picks_csr_settings_and_flags_still_win():
     from recipes.csr import WORLD_CSR, WORLD_CSR_ON, parse_config
 
     default, _ = parse_config(["--world_preset", "default"])
-    assert (default.redundant_cos, default.w_sft) == (WORLD_CSR.redundant_cos, WORLD_CSR.w_sft) == (None, 1.0)
+    assert (default.redundant_cos, default.w_sft, default.beta) == (WORLD_CSR.redundant_cos, WORLD_CSR.w_sft,
+                                                                    WORLD_CSR.beta) == (None, 1.0, 0.1)
     f32, _ = parse_config(["--world_preset", "float32"])
-    assert (f32.redundant_cos, f32.w_sft) == (WORLD_CSR_ON["float32"]["redundant_cos"], WORLD_CSR_ON["float32"]["w_sft"])
-    assert f32.redundant_cos is not None
-    mine, _ = parse_config(["--world_preset", "float32", "--w_sft", "1", "--redundant_cos", "none"])
-    assert (mine.redundant_cos, mine.w_sft) == (None, 1.0)  # "none" sets a field back to None
+    assert {name: getattr(f32, name) for name in WORLD_CSR_ON["float32"]} == WORLD_CSR_ON["float32"]
+    assert f32.redundant_cos is not None and f32.beta != WORLD_CSR.beta
+    mine, _ = parse_config(["--world_preset", "float32", "--w_sft", "1", "--redundant_cos", "none", "--beta", "0.1"])
+    assert (mine.redundant_cos, mine.w_sft, mine.beta) == (None, 1.0, 0.1)  # "none" sets a field back to None
     paper, _ = parse_config(["--model", "some/dir"])
-    assert paper.redundant_cos is None and paper.w_sft == 0.0  # real checkpoints: the paper's CSR
+    assert paper.redundant_cos is None and paper.w_sft == 0.0 and paper.beta == 0.1  # real checkpoints: the paper's

@@ -47,6 +47,7 @@ def test_micro_chain_gives_loadable_checkpoints(micro):
     assert not torch.equal(reward_clip.text_projection.weight, clip.text_projection.weight)
     report = models.report()
     for key in ("clip_present_over_absent", "reward_clip_present_over_absent", "reward_clip_present_scored",
+                "reward_clip_present_scored_several",
                 "reward_clip_absent_zeroed", "reward_clip_swapped_shape_zeroed", "clip_present_over_swapped_shape",
                 "reward_clip_present_over_swapped_place", "reward_clip_swapped_place_zeroed"):
         assert 0.0 <= report[key] <= 1.0, key
@@ -155,6 +156,18 @@ def test_cache_key_follows_the_config():
         dataclasses.replace(MICRO, world=dataclasses.replace(MICRO.world, noise_share=0.3)))
     assert wm.cache_key(MICRO) != wm.cache_key(wm.WORLD_PRESETS["default"])
     assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, clip_contrast_pairs=8))
+    assert wm.cache_key(MICRO) != wm.cache_key(dataclasses.replace(MICRO, reward_clip_single_object_share=0.2))
+
+
+def test_the_reward_clip_takes_its_own_share_of_one_object_scenes():
+    assert wm.reward_clip_config(MICRO).clip_single_object_share == MICRO.clip_single_object_share
+    own = wm.reward_clip_config(dataclasses.replace(MICRO, reward_clip_single_object_share=0.2))
+    assert own.clip_single_object_share == 0.2
+    assert own.clip_sign_weight == MICRO.reward_clip_sign_weight and own.clip_steps == MICRO.reward_clip_steps
+    # the first CLIP keeps its own share: ClipPairs draws its one-object scenes from the config it is given
+    pairs = [wm.ClipPairs(config, None, 400, wm.WorldPixels(config.world)) for config in (MICRO, own)]
+    singles = [sum(p.scene(seed)[0] for seed in range(400)) for p in pairs]
+    assert 150 < singles[0] < 250 and 40 < singles[1] < 120
 
 
 def test_fields_added_later_keep_the_cached_models_keys_at_their_neutral_value(monkeypatch):

@@ -225,7 +225,8 @@ PRESETS = {"paper": PAPER_CSR, "world": WORLD_CSR, "micro": MICRO_CSR}
 # (``reward_clip_single_object_share``) and DPO's beta 0.25, keeping each iteration nearer the last:
 # 13.5 / 15.0 / 14.0, 77.3 / 77.1 / 81.6, F1 74.08 / 73.88 / 74.14 (seed 1: 14.5 / 12.5 / 14.5,
 # 77.5 / 74.5 / 78.4, 74.03 / 74.24 / 73.96), all three targets at the first and last iterations
-# (docs/CSR.md). The default build was measured without these.
+# (seed 2: at the second only, F1 0.06 short at the last; docs/CSR.md). The default build was measured
+# without these.
 WORLD_CSR_ON = {"float32": {"redundant_cos": 0.8, "w_sft": 2.0, "beta": 0.25}}
 
 

@@ -1413,9 +1413,9 @@ def print_report(report: dict, file=None) -> None:
         print(f"{name:<44}{100 * value:6.1f}%   {want:<10} {'ok' if ok else 'MISSED'}", file=file)
     if "reward_clip_absent_zeroed" in report:
         several = report.get("reward_clip_present_scored_several")  # not in reports of earlier builds
-        several = "" if several is None else f" (images with several objects: {100 * several:.1f}%)"
+        several_note = "" if several is None else f" (images with several objects: {100 * several:.1f}%)"
         print(f"reward CLIP's score max(100 cos, 0): positive for the present sentence "
-              f"{100 * report['reward_clip_present_scored']:.1f}%{several}, zero for the absent one "
+              f"{100 * report['reward_clip_present_scored']:.1f}%{several_note}, zero for the absent one "
               f"{100 * report['reward_clip_absent_zeroed']:.1f}% (present above absent "
               f"{100 * report['reward_clip_present_over_absent']:.1f}%)", file=file)
     if "reward_clip_swapped_shape_zeroed" in report:

@@ -45,7 +45,7 @@ from lvlm.checkpoint import copy_tokenizer, load_lvlm, save_lvlm  # noqa: E402
 from lvlm.image import load_image as load_image_file  # noqa: E402
 from lvlm.image import preprocess_image  # noqa: E402
 from lvlm.records import read_data_file  # noqa: E402
-from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_conversation, pad_batch  # noqa: E402
+from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_conversation, encode_conversations, pad_batch  # noqa: E402
 from optim.distributed import is_main_process  # noqa: E402
 from optim.logprobs import token_logprobs  # noqa: E402
 from optim.train import TrainConfig, TrainResult, train  # noqa: E402
@@ -170,10 +170,10 @@ class ConversationDataset:
             raise ValueError("ConversationDataset: keep_encoded keeps the check's encodings; it needs check=True")
         self.encoded, self.lengths = None, None
         if keep_encoded:  # the check, kept
-            self.encoded = [self._encode(record) for record in self.records]
+            self.encoded = [e for chunk in self._encoded_chunks() for e in chunk]
             self.lengths = [len(e["input_ids"]) for e in self.encoded]
         elif check:  # each encoding dropped at once (real data sets are too large to hold), its length kept
-            self.lengths = [len(self._encode(record)["input_ids"]) for record in self.records]
+            self.lengths = [len(e["input_ids"]) for chunk in self._encoded_chunks() for e in chunk]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -184,14 +184,39 @@ class ConversationDataset:
             raise ValueError("ConversationDataset.length needs the encoding check (check=True)")
         return self.lengths[index]
 
+    def _encoded_chunks(self, size: int = 4096):
+        """Every record's encoding (``_encode``'s), a chunk of ``size`` records at a time, each chunk's texts
+        tokenised in one batch call (``encode_conversations``)."""
+        for first in range(0, len(self.records), size):
+            chunk = self.records[first:first + size]
+            names = [record.get("where", "record") for record in chunk]
+            conversations = [self._conversation(record) for record in chunk]
+            encoded = encode_conversations(self.tokenizer, conversations,
+                                           image_tokens_per_image=self.image_tokens_per_image, names=names)
+            yield [self._loss_mask_and_cut(record, e) for record, e in zip(chunk, encoded)]
+
+    @staticmethod
+    def _num_images(record: dict) -> int:
+        return 0 if record.get("image") is None else 1
+
+    def _conversation(self, record: dict) -> tuple:
+        """(turns, number of images) of a record; a record without turns raises, named."""
+        if "turns" not in record:
+            raise ValueError(f"{record.get('where', 'record')}: 'turns'")
+        return record["turns"], self._num_images(record)
+
     def _encode(self, record: dict) -> dict:
-        where = record.get("where", "record")
-        num_images = 0 if record.get("image") is None else 1
+        turns, num_images = self._conversation(record)
         try:
-            encoded = encode_conversation(self.tokenizer, record["turns"], num_images=num_images,
+            encoded = encode_conversation(self.tokenizer, turns, num_images=num_images,
                                           image_tokens_per_image=self.image_tokens_per_image)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{where}: {error}") from None
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{record.get('where', 'record')}: {error}") from None
+        return self._loss_mask_and_cut(record, encoded)
+
+    def _loss_mask_and_cut(self, record: dict, encoded: dict) -> dict:
+        """An encoded conversation -> the example's ids and loss mask: ``loss_on`` applied, cut to ``max_length``."""
+        where, num_images = record.get("where", "record"), self._num_images(record)
         ids, mask = encoded["input_ids"], encoded["assistant_mask"]
         if self.loss_on == "text":
             is_image = ids == self.tokenizer.image_token_id

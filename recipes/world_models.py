@@ -603,9 +603,9 @@ class ClipPairs:
     and place, which teaches the image tower shapes several times faster than crowded scenes alone,
     where the colour often suffices; the other scenes teach it to keep several objects apart.
 
-    An example holds its texts as strings; ``collate`` tokenizes and pads a whole batch's texts in one call
-    (``encode_clip_texts``). The scenes are kept after their first use
-    (a stage sees each training scene about eight times).
+    An example holds its texts as strings; ``collate`` tokenizes and pads a whole batch's texts
+    (``encode``). The scenes are kept after their first use (a stage sees each training scene about
+    eight times), and so are the texts' token ids: a stage's ~430,000 texts are ~10,400 distinct ones.
     """
 
     def __init__(self, c: WorldModelsConfig, clip_raw_tokenizer, n: int, pixels: WorldPixels):
@@ -613,6 +613,7 @@ class ClipPairs:
         self.worlds = (c.world, single_object_world(c.world))
         self.pixels = (pixels, WorldPixels(self.worlds[1]))
         self.scenes: dict = {}  # seed -> (single-object world?, scene)
+        self.text_ids: dict = {}  # text -> its token ids, unpadded
 
     def __len__(self) -> int:
         return self.n
@@ -637,9 +638,20 @@ class ClipPairs:
         ``negative_owner`` [N]: the example (image) each negative was made from."""
         texts = [e["text"] for e in examples] + [t for e in examples for t in e["negatives"]]
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-                "input_ids": encode_clip_texts(self.tokenizer, texts),
+                "input_ids": self.encode(texts),
                 "negative_owner": torch.tensor([i for i, e in enumerate(examples) for _ in e["negatives"]],
                                                dtype=torch.long)}
+
+
+    def encode(self, texts: list) -> torch.Tensor:
+        """``encode_clip_texts(self.tokenizer, texts)`` (the same ids ``[B, T]``), tokenizing only the texts
+        not seen before: a CLIP step's ~900 texts in ~1 ms instead of ~20."""
+        new = [text for text in dict.fromkeys(texts) if text not in self.text_ids]
+        for text, encoding in zip(new, self.tokenizer.encode_batch(new) if new else []):
+            self.text_ids[text] = [i for i, kept in zip(encoding.ids, encoding.attention_mask) if kept]
+        rows = [self.text_ids[text] for text in texts]
+        longest, pad = max(map(len, rows)), self.tokenizer.padding["pad_id"]
+        return torch.tensor([row + [pad] * (longest - len(row)) for row in rows], dtype=torch.long)
 
 
 def clip_loss(model, batch: dict, *, sign_weight: float = 0.0, sign_scale: float | None = None,

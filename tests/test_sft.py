@@ -241,6 +241,11 @@ def test_conversation_dataset_checks_records_up_front(tiny_checkpoint):
     records = [{"turns": [("Q <image> <image>", "A")], "image": "x.png", "where": "data.json record 5"}]
     with pytest.raises(ValueError, match="data.json record 5"):
         sft.ConversationDataset(records, tokenizer, image_size=64, image_tokens_per_image=64)
+    good = {"turns": [("Is it red?", "Yes")], "image": None, "where": "data.json record 0"}
+    for bad in ({"image": None, "where": "data.json record 1"},  # no turns
+                {"turns": [("Is it red?",)], "image": None, "where": "data.json record 1"}):  # a turn without answer
+        with pytest.raises(ValueError, match="data.json record 1"):
+            sft.ConversationDataset([good, bad], tokenizer, image_size=64, image_tokens_per_image=64)
 
 
 def test_cli_trains_a_real_layout_checkpoint_on_llava_json(tiny_checkpoint, tmp_path):

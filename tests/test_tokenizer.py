@@ -10,6 +10,7 @@ from lvlm.tokenizer import (
     SYSTEM,
     Tokenizer,
     encode_conversation,
+    encode_conversations,
     encode_prompt,
     pad_batch,
     render_conversation,
@@ -191,6 +192,28 @@ def test_two_images(tok):
     assert ids.count(4) == 12
     first = ids.index(4)
     assert ids[first : first + 6] == [4] * 6
+
+
+def test_encode_conversations_gives_what_one_call_each_gives(tok, llama_tok):
+    conversations = [(TWO_TURNS, 1), ([("What is red?", "A circle.")], 0),
+                     ([("What is in the image?", "A circle."), ("<image>\nAnd in this image?", "A square.")], 2),
+                     ([("Is it red?", None)], 1)]
+    for tokenizer in (tok, llama_tok):
+        together = encode_conversations(tokenizer, conversations, image_tokens_per_image=3)
+        assert len(together) == len(conversations)
+        for (turns, num_images), batched in zip(conversations, together):
+            alone = encode_conversation(tokenizer, turns, num_images=num_images, image_tokens_per_image=3)
+            assert torch.equal(batched["input_ids"], alone["input_ids"])
+            assert torch.equal(batched["assistant_mask"], alone["assistant_mask"])
+            assert (batched["text"], batched["answer_spans"]) == (alone["text"], alone["answer_spans"])
+
+
+def test_encode_conversations_names_the_bad_conversation(tok):
+    good, bad = (TWO_TURNS, 1), ([("What?", "A.")], 2)
+    with pytest.raises(ValueError, match=r"^conversation 1: encode_conversation: .* num_images=2"):
+        encode_conversations(tok, [good, bad], image_tokens_per_image=4)
+    with pytest.raises(ValueError, match=r"^data.json record 7: .* more than max_length=5"):
+        encode_conversations(tok, [good], image_tokens_per_image=4, max_length=5, names=["data.json record 7"])
 
 
 def test_marker_count_errors(tok):

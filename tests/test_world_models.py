@@ -317,6 +317,10 @@ def test_clip_loss_matches_a_hand_computation():
     assert scaled.item() == pytest.approx(loss.item() + 0.5 * 0.5 * (positives + softplus(-3.0)), rel=1e-6)
 
 
+def texts_of(examples: list) -> list:
+    return [e["text"] for e in examples] + [t for e in examples for t in e["negatives"]]
+
+
 def test_clip_pairs_collate_puts_the_negatives_after_the_paired_texts_padded_with_the_end_token():
     c = dataclasses.replace(wm.WORLD_PRESETS["micro"], clip_colour_negatives=1)
     raw = RawTokenizer.from_str(wm.clip_tokenizer_json(c))
@@ -324,11 +328,13 @@ def test_clip_pairs_collate_puts_the_negatives_after_the_paired_texts_padded_wit
     examples = [pairs[k] for k in range(0, 24, 3)]
     assert len({len(e["negatives"]) for e in examples}) > 1  # examples with different numbers of negatives
     batch = pairs.collate(examples)
-    texts = [e["text"] for e in examples] + [t for e in examples for t in e["negatives"]]
+    texts = texts_of(examples)
     rows = [raw.encode(t).ids for t in texts]  # one text at a time: unpadded
     rows = [[i for i in row if i != wm.CLIP_EOS_ID] + [wm.CLIP_EOS_ID] for row in rows]
     longest = max(len(row) for row in rows)
     assert batch["input_ids"].tolist() == [row + [wm.CLIP_EOS_ID] * (longest - len(row)) for row in rows]
+    assert torch.equal(batch["input_ids"], wm.encode_clip_texts(raw, texts))
+    assert torch.equal(pairs.collate(examples[::-1])["input_ids"], wm.encode_clip_texts(raw, texts_of(examples[::-1])))
     assert batch["negative_owner"].tolist() == [i for i, e in enumerate(examples) for _ in e["negatives"]]
     assert torch.equal(batch["pixel_values"], torch.stack([e["pixel_values"] for e in examples]))
     single, scene = pairs.scene(wm._train_scene(c, 0)[0])

@@ -1067,6 +1067,22 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lvlm_align")
 
 
+STAGE_NAMES = ("clip", "reward_clip", "grounded", "aligned", "sft", "labeler")
+
+
+def model_fingerprints(root: Path) -> dict:
+    """``{stage: the first 12 hex digits of the SHA-256 of its model.safetensors}`` for each stage saved under
+    ``root``. Two builds made the same models exactly when their fingerprints agree: the chain carries the
+    last bits of every step to its end, so a change that keeps the math but not the rounding (the order of
+    a sum) builds other models, which the recipes' measured figures do not describe (docs/WORLD_BUILDS.md)."""
+    fingerprints = {}
+    for name in STAGE_NAMES:
+        weights = root / name / "model.safetensors"
+        if weights.is_file():
+            fingerprints[name] = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    return fingerprints
+
+
 def _paths(root: Path) -> WorldModels:
     reward_clip = root / "reward_clip"
     return WorldModels(clip=root / "clip", sft=root / "sft", labeler=root / "labeler",
@@ -1366,6 +1382,7 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
         seconds["measure"] = time.time() - t
         seconds["total"] = time.time() - started
         report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+        report["fingerprints"] = model_fingerprints(root)
         report["threads"] = torch.get_num_threads() if not torch.cuda.is_available() else None
         report["ranks"] = get_world_size()
         write_json_atomic(root / "report.json", report)
@@ -1452,6 +1469,9 @@ def print_report(report: dict, file=None) -> None:
             f"{k} {100 * v:.1f}%" for k, v in report["sft_short_answers"].items()), file=file)
     if "seconds" in report:
         print("build seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()), file=file)
+    if "fingerprints" in report:
+        print("model fingerprints (model_fingerprints): " + ", ".join(
+            f"{k} {v}" for k, v in report["fingerprints"].items()), file=file)
     file.flush()
 
 
@@ -1478,7 +1498,7 @@ def main(argv=None) -> WorldModels:
     models = ensure_world_models(config, cache_dir=cache_dir)
     if is_main_process():
         print(f"world models in {models.root} ({time.time() - started:.0f} s)")
-        print_report(models.report())
+        print_report({**models.report(), "fingerprints": model_fingerprints(models.root)})  # the files' own
     return models
 
 

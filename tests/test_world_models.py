@@ -202,6 +202,10 @@ def test_builds_are_deterministic_and_atomic(micro, tmp_path, monkeypatch):
         second = load_file(getattr(again, name) / "model.safetensors")
         assert first.keys() == second.keys()
         assert all(torch.equal(first[k], second[k]) for k in first), name
+    # the report names each model by its weights' fingerprint: the same for the same weights, and six different ones
+    fingerprints = wm.model_fingerprints(models.root)
+    assert again.report()["fingerprints"] == fingerprints == models.report()["fingerprints"]
+    assert list(fingerprints) == list(wm.STAGE_NAMES) and len(set(fingerprints.values())) == 6
 
 
 def test_a_build_under_torchrun_trains_as_one_process_does(tmp_path):

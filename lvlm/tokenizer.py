@@ -20,7 +20,8 @@ Three pieces:
    into one copy per image feature (Hugging Face convention: 576 for LLaVA-1.5 at 336 px),
    and mark the assistant answers' tokens (the SFT / DPO labels) using the tokenizer's
    character offsets -- which works the same for word-level, BPE and SentencePiece-style
-   tokenizers.
+   tokenizers. `encode_conversations` does the same for a whole data set, its texts tokenised
+   in one batch call.
 """
 
 import json

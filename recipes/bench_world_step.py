@@ -3,6 +3,7 @@
     python recipes/bench_world_step.py                 # stages 0 (grounding) and SFT, 2 threads
     python recipes/bench_world_step.py --clip --variants float32   # and CLIP's step
     python recipes/bench_world_step.py --threads 1 --steps 10 --variants float32 "bf16 (build)"
+    python recipes/bench_world_step.py --data          # the data work before each stage's first step
 
 ``recipes/world_models.py`` trains its LVLMs on the CPU; this times what one of its optimizer steps
 costs (batch 32, the stage's own conversations, forward + backward + AdamW, data included), in one
@@ -19,6 +20,10 @@ run for every variant, on the same batches:
 With ``--processes``, the step through ``optim.train`` as the build runs it, in one process of two threads
 against two ranks of one thread each (``PROCESS_VARIANTS``; DDP over Gloo, as under torchrun), new
 processes for each.
+
+With ``--data``, only the data work the build does around the steps (``DATA_STAGES``, ``data_seconds``): each
+LVLM stage's conversations made and encoded, one call per conversation against the build's batched
+``ConversationDataset``, and CLIP's texts tokenized per step, all at once against each distinct text once.
 
 With ``--clip``, CLIP's step too (``clip_loss``, batch 128 and its hard negatives, ~900 texts):
 its attention by PyTorch's fused kernel or written out (``lvlm.clip.attention``), its text tower in
@@ -46,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lvlm.llama import attention_in_float32  # noqa: E402
 from lvlm.llava import LlavaForConditionalGeneration  # noqa: E402
-from lvlm.tokenizer import Tokenizer  # noqa: E402
+from lvlm.tokenizer import Tokenizer, encode_conversation  # noqa: E402
 from recipes import world_models as wm  # noqa: E402
 from recipes.sft import ConversationDataset, set_trainable, sft_collate_for, sft_loss, train_sft  # noqa: E402
 
@@ -121,6 +126,51 @@ def clip_step_ms(c, steps: int) -> dict:
     finally:
         lvlm.clip.SHORT_SEQUENCE = short
     return {name: 1000 * s / (2 * steps) for name, s in seconds.items()}
+
+
+# ``--data``: each LVLM stage's conversations, made and encoded as the build does before its first step
+DATA_STAGES = {"grounding": wm.world_grounding_records, "stage 1": wm.world_caption_records,
+               "sft": wm.world_sft_records, "labeler": wm.world_labeler_records}
+
+
+def data_seconds(c, clip_steps: int) -> dict:
+    """The build's data work, the way before and the build's way, side by side: per LVLM stage of ``c``, seconds
+    to make its conversations, to encode them one ``encode_conversation`` call each, and to build its
+    ``ConversationDataset(keep_encoded=True)`` (``encode_conversations``: one batch call per 4,096); then ms per
+    CLIP step to tokenize its ~900 texts, ``encode_clip_texts`` against ``ClipPairs.encode`` (each text once)."""
+    from tokenizers import Tokenizer as RawTokenizer
+
+    model, tokenizer = world_model_and_tokenizer(c)
+    per_image, results = model.config.image_tokens_per_image, {}
+    for stage, records_fn in DATA_STAGES.items():
+        started = time.perf_counter()
+        records = records_fn(c)
+        made = time.perf_counter() - started
+        started = time.perf_counter()
+        kept = [encode_conversation(tokenizer, record["turns"], num_images=1, image_tokens_per_image=per_image)
+                for record in records]  # kept, as the data set keeps them
+        one_by_one = time.perf_counter() - started
+        del kept
+        started = time.perf_counter()
+        ConversationDataset(records, tokenizer, image_size=c.world.canvas_size, image_tokens_per_image=per_image,
+                            max_length=c.lvlm_max_positions, keep_encoded=True)
+        batched = time.perf_counter() - started
+        results[stage] = {"conversations": len(records), "make_s": round(made, 1),
+                          "encode_one_by_one_s": round(one_by_one, 1), "dataset_s": round(batched, 1)}
+    raw = RawTokenizer.from_str(wm.clip_tokenizer_json(c))
+    pairs = wm.ClipPairs(c, raw, c.clip_batch * clip_steps, wm.WorldPixels(c.world))
+    texts = []  # each step's texts, as ClipPairs.collate lists them
+    for i in range(clip_steps):
+        examples = [pairs[j] for j in range(i * c.clip_batch, (i + 1) * c.clip_batch)]
+        texts.append([e["text"] for e in examples] + [t for e in examples for t in e["negatives"]])
+    ms = {}
+    for name, encode in (("encode_clip_texts", lambda x: wm.encode_clip_texts(raw, x)), ("ClipPairs.encode", pairs.encode)):
+        started = time.perf_counter()
+        for batch in texts:
+            encode(batch)
+        ms[name] = round(1000 * (time.perf_counter() - started) / clip_steps, 2)
+    results["clip_text_ms"] = ms
+    return results
 
 
 def world_model_and_tokenizer(c) -> tuple:
@@ -199,8 +249,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--processes", action="store_true",
                         help="also time the step through optim.train in 1 process x 2 threads against 2 ranks x 1 "
                              "thread (PROCESS_VARIANTS)")
+    parser.add_argument("--data", action="store_true",
+                        help="only time the build's data work (DATA_STAGES, CLIP's texts) at the float32 preset's sizes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.data:
+        results = data_seconds(wm.world_preset("float32"), clip_steps=200)
+        print("conversations made and encoded before a stage's first step, seconds: make / encode one by one / "
+              "ConversationDataset (batched)")
+        for stage in DATA_STAGES:
+            r = results[stage]
+            print(f"  {stage:<10} {r['conversations']:>6,}: {r['make_s']:.1f} / {r['encode_one_by_one_s']:.1f} / "
+                  f"{r['dataset_s']:.1f} ({r['dataset_s'] / r['encode_one_by_one_s']:.2f}x)")
+        ms = results["clip_text_ms"]
+        print(f"CLIP's texts per step (200 steps): encode_clip_texts {ms['encode_clip_texts']:.1f} ms, "
+              f"ClipPairs.encode {ms['ClipPairs.encode']:.1f} ms")
+        print(json.dumps(results))
+        return results
 
     c = wm.WorldModelsConfig()
     model, tokenizer = world_model_and_tokenizer(c)

@@ -202,7 +202,7 @@ class ConversationDataset:
     def _conversation(self, record: dict) -> tuple:
         """(turns, number of images) of a record; a record without turns raises, named."""
         if "turns" not in record:
-            raise ValueError(f"{record.get('where', 'record')}: 'turns'")
+            raise ValueError(f"{record.get('where', 'record')}: the record has no 'turns'")
         return record["turns"], self._num_images(record)
 
     def _encode(self, record: dict) -> dict:

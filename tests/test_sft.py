@@ -228,6 +228,8 @@ def test_conversation_dataset_keep_encoded_gives_the_same_examples(tiny_checkpoi
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["assistant_mask"], b["assistant_mask"])
         assert (a["pixel_values"] is None) == (b["pixel_values"] is None)
     assert kept[0]["pixel_values"] is not None and "pixel_values" not in kept.encoded[0]  # images stay unkept
+    by_one = [e for chunk in kept._encoded_chunks(size=1) for e in chunk]  # batch calls of one: the same, in order
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(by_one, kept.encoded)) and len(by_one) == 2
     for dataset in (plain, kept):  # the token counts group_by_length sorts by
         assert [dataset.length(i) for i in range(2)] == [len(plain[i]["input_ids"]) for i in range(2)]
     with pytest.raises(ValueError, match="check"):

@@ -159,10 +159,8 @@ def data_seconds(c, clip_steps: int) -> dict:
                           "encode_one_by_one_s": round(one_by_one, 1), "dataset_s": round(batched, 1)}
     raw = RawTokenizer.from_str(wm.clip_tokenizer_json(c))
     pairs = wm.ClipPairs(c, raw, c.clip_batch * clip_steps, wm.WorldPixels(c.world))
-    texts = []  # each step's texts, as ClipPairs.collate lists them
-    for i in range(clip_steps):
-        examples = [pairs[j] for j in range(i * c.clip_batch, (i + 1) * c.clip_batch)]
-        texts.append([e["text"] for e in examples] + [t for e in examples for t in e["negatives"]])
+    texts = [pairs.texts_of([pairs[j] for j in range(i * c.clip_batch, (i + 1) * c.clip_batch)])
+             for i in range(clip_steps)]  # each step's texts, as ClipPairs.collate lists them
     ms = {}
     for name, encode in (("encode_clip_texts", lambda x: wm.encode_clip_texts(raw, x)), ("ClipPairs.encode", pairs.encode)):
         started = time.perf_counter()

@@ -634,13 +634,18 @@ class ClipPairs:
 
     def collate(self, examples: list) -> dict:
         """Images [B, 3, H, W]; texts [B + N, T]: the B paired texts first, then every example's hard negatives,
-        right-padded with the end token (pooling takes its first occurrence), tokenized in one call;
+        right-padded with the end token (pooling takes its first occurrence), tokenized by ``encode``;
         ``negative_owner`` [N]: the example (image) each negative was made from."""
-        texts = [e["text"] for e in examples] + [t for e in examples for t in e["negatives"]]
+        texts = self.texts_of(examples)
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "input_ids": self.encode(texts),
                 "negative_owner": torch.tensor([i for i, e in enumerate(examples) for _ in e["negatives"]],
                                                dtype=torch.long)}
+
+    @staticmethod
+    def texts_of(examples: list) -> list:
+        """A batch's texts in ``collate``'s order: the paired texts, then every example's negatives."""
+        return [e["text"] for e in examples] + [t for e in examples for t in e["negatives"]]
 
     def encode(self, texts: list) -> torch.Tensor:
         """``encode_clip_texts(self.tokenizer, texts)`` (the same ids ``[B, T]``), tokenizing only the texts

@@ -109,7 +109,7 @@ class CSRConfig:
     eval_image_dir: str | None = None
     eval_synonyms: str | None = None
     out: str = "runs/csr"
-    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU, default with a GPU), or a WORLD_PRESETS name
     seed: int = 0
     iterations: int = 3  # the paper's main table
     n_prompts: int | None = None  # prompts per iteration (None: every record of --data)
@@ -209,8 +209,7 @@ MICRO_CSR = dataclasses.replace(
 
 PRESETS = {"paper": PAPER_CSR, "world": WORLD_CSR, "micro": MICRO_CSR}
 
-# What ``world`` changes on a world preset's models. The float32 preset's (what ``auto`` picks on a CPU without
-# bfloat16 instructions) SFT model names an object twice, at two places, in 28% of its descriptions, and its
+# What ``world`` changes on a world preset's models. The float32 preset's (what ``auto`` picks on a CPU) SFT model names an object twice, at two places, in 28% of its descriptions, and its
 # reward CLIP barely tells places apart, so the summed R_I paid for repeats: the chosen response repeated in
 # 64% of the pairs, the rejected one in 32%, and recall fell 7.9 / 19.3 / 23.9 points over the iterations.
 # redundant_cos 0.8 zeroes R_I for a sentence that close to an earlier one of its path (rewards/csr_scorer.py;

@@ -374,7 +374,7 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 128
     answer_tokens: int = 6
-    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU, default with a GPU), or a WORLD_PRESETS name
     split: str = "test"
     seed: int = 0
 

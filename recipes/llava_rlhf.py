@@ -109,7 +109,7 @@ class RLHFConfig:
     preferences: str | None = None  # human preferences, LLaVA-RLHF's format (see load_human_preferences)
     captions: str | None = None  # facts: {image: [captions]} (the release's image_to_caption.json) or COCO captions
     out: str | None = None  # default: runs/llava_rlhf[-no-facts][-<preset>]
-    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU, default with a GPU), or a WORLD_PRESETS name
     seed: int = 0
     threads: int = 0  # CPU only: intra-op threads (0 = one per core this process may use)
     # 2. preference pairs (world): responses sampled from the SFT model, labelled by the oracle

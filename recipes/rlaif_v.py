@@ -127,7 +127,7 @@ class RLAIFVConfig:
     eval_image_dir: str | None = None  # the folder of its images
     eval_synonyms: str | None = None  # a CHAIR synonym file
     out: str | None = None  # default runs/rlaif_v-<preset>
-    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU, default with a GPU), or a WORLD_PRESETS name
     # the loop
     iterations: int = 4
     instructions_per_iteration: int = 4000

@@ -368,7 +368,7 @@ class SFTConfig:
     data: str | None = None  # LLaVA conversation JSON / JSONL
     images: str | None = None  # folder the records' "image" names are relative to
     out: str = "runs/sft"
-    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU without bfloat16), or a WORLD_PRESETS name
+    world_preset: str = "auto"  # the world's models: "auto" (float32 on a CPU, default with a GPU), or a WORLD_PRESETS name
     lr: float = 2e-5  # LLaVA-1.5 stage 2
     epochs: int = 1
     max_steps: int | None = None

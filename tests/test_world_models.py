@@ -129,9 +129,9 @@ def test_bf16_cost_note_warns_only_for_bf16_autocast_without_bf16_instructions(
 
 
 @pytest.mark.parametrize("cuda, avx512_bf16, amx, picked", [
-    (False, False, False, "float32"), (False, True, False, "default"), (False, False, True, "default"),
-    (True, False, False, "default")])
-def test_auto_world_preset_picks_float32_where_bfloat16_is_slow(monkeypatch, cuda, avx512_bf16, amx, picked):
+    (False, False, False, "float32"), (False, True, False, "float32"), (False, False, True, "float32"),
+    (True, False, False, "default"), (True, True, True, "default")])
+def test_auto_world_preset_picks_float32_on_any_cpu(monkeypatch, cuda, avx512_bf16, amx, picked):
     from recipes.csr import CSRConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)

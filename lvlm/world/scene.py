@@ -328,10 +328,17 @@ def sample_scene(seed: int, config: WorldConfig = DEFAULT_CONFIG) -> Scene:
     """The scene of one seed: objects (distinct shapes, colours and cells) in reading order.
 
     Draw order (all from world_rng(seed, "scene")): number of objects, shapes (prior),
-    colours, cells, then per object its size and offset inside the cell.
+    colours, cells, then per object its size and offset inside the cell. A scene is immutable, so
+    the last ones drawn are kept and handed out again (the build's stages draw each training
+    scene a dozen times).
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"sample_scene: seed must be a non-negative int, got {seed!r}")
+    return _sample_scene(seed, config)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _sample_scene(seed: int, config: WorldConfig) -> Scene:
     rng = world_rng(seed, "scene")
     n = rng.randint(config.min_objects, config.max_objects)
     shapes = sample_shapes(rng, n, config)

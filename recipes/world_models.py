@@ -333,13 +333,13 @@ WORLD_PRESETS = {
     "default": WorldModelsConfig(),
     # What ``auto`` picks on any CPU (``resolve_world_preset``): float32, with more SFT steps and more
     # question-only SFT conversations (the float32 builds learnt the yes/no answers worse; docs/WORLD_BUILDS.md).
-    # From an empty cache, 2 cores, all five targets met: 1,229 s on an AMD EPYC (Zen 3; SFT CHAIR_s 32.0%, recall
-    # 81.2%, POPE 71.7%, labeler 96.0%), 1,147 s on an Intel Xeon (Ice Lake) and 614 s on a Xeon with AMX, the
-    # same models on both Xeons (SFT CHAIR_s 22.5%, recall 74.3%, POPE 92.8%, labeler 98.0%). Its reward
-    # CLIP sees one-object scenes a fifth of the time, so that it scores true sentences about one object of
-    # several (CSR's recall held at its last iteration: docs/CSR.md); the other stages do not read that field.
-    # Its labeler trains 300 steps (500 before, 2b78d1ce908d): 97.7% against 98.0% on the Xeons' models, in 52
-    # s against 90; only RLAIF-V reads it.
+    # From an empty cache, 2 cores, all five targets met: 1,262 s on an AMD EPYC (Zen 3; SFT CHAIR_s 32.0%, recall
+    # 81.2%, POPE 71.7%, labeler 96.0%), 1,147 s on an Intel Xeon (Ice Lake), both with a labeler of 500 steps,
+    # and 579 s on a Xeon with AMX, the same models on both Xeons (SFT CHAIR_s 22.5%, recall 74.3%, POPE 92.8%,
+    # labeler 97.7%). Its reward CLIP sees one-object scenes a fifth of the time, so that it scores true sentences
+    # about one object of several (CSR's recall held at its last iteration: docs/CSR.md); the other stages do not
+    # read that field. Its labeler trains 300 steps (500 before, 2b78d1ce908d): 97.7% against 98.0% on the Xeons'
+    # models, in 52 s against 90; only RLAIF-V reads it.
     "float32": WorldModelsConfig(lvlm_bf16=False, sft_steps=900, sft_qa_share=0.75,
                                  reward_clip_single_object_share=0.2, labeler_steps=300),
     # The whole chain in seconds (CI): tiny dims, a few steps. Its models are not meant to work.
@@ -1244,10 +1244,10 @@ def resolve_world_preset(name: str) -> str:
     """``name``, with ``"auto"`` replaced by the preset it picks on this machine: ``"float32"`` without a GPU,
     ``"default"`` with one.
 
-    Every CPU gets the float32 preset, those with bfloat16 instructions too: on a 2-core Xeon with AMX and
-    AVX512-BF16 it built in 614 s against the default's 815 s, with all five targets met and the same models
-    as on an Ice Lake Xeon, where the default's bfloat16 build missed three (labeler 93.9%, SFT CHAIR_s 19.0%,
-    POPE 59.6%; docs/WORLD_BUILDS.md)."""
+    Every CPU gets the float32 preset, those with bfloat16 instructions too. On a 2-core Xeon with AMX and
+    AVX512-BF16 the default's bfloat16 build took 815 s and missed three targets (labeler 93.9%, SFT CHAIR_s
+    19.0%, POPE 59.6%); the float32 preset took 614 s there, met all five, and made the same models as on
+    an Ice Lake Xeon (docs/WORLD_BUILDS.md). No build of the default has been made on a GPU yet."""
     if name != "auto":
         return name
     return "default" if torch.cuda.is_available() else "float32"

@@ -210,9 +210,10 @@ MICRO_CSR = dataclasses.replace(
 PRESETS = {"paper": PAPER_CSR, "world": WORLD_CSR, "micro": MICRO_CSR}
 
 # What ``world`` changes on a world preset's models. The float32 preset's (what ``auto`` picks on a CPU) SFT
-# model names an object twice, at two places, in 28% of its descriptions, and its reward CLIP barely tells
-# places apart, so the summed R_I paid for repeats: the chosen response repeated in
-# 64% of the pairs, the rejected one in 32%, and recall fell 7.9 / 19.3 / 23.9 points over the iterations.
+# model of the AMD Zen 3 build, the one these settings were tuned on, names an object twice, at two places,
+# in 28% of its descriptions, and its reward CLIP barely tells places apart, so the summed R_I paid for
+# repeats: the chosen response repeated in 64% of the pairs, the rejected one in 32%, and recall fell 7.9 /
+# 19.3 / 23.9 points over the iterations (the Intel CPUs build other models: README).
 # redundant_cos 0.8 zeroes R_I for a sentence that close to an earlier one of its path (rewards/csr_scorer.py;
 # not in the paper): in that CLIP's text features 89% of the pairs of sentences about the same object are
 # that close and 0.9% of those about different objects. On those models (CHAIR_s / recall / F1, iterations

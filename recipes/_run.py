@@ -8,8 +8,9 @@ Layout of ``--out DIR``::
     DIR/iter1/<data>.rank{r}.jsonl  what rank r collected, one line per finished item
     DIR/iter1/<data>.jsonl          the shards merged (sorted by key, no duplicates, no gaps)
     DIR/iter1/model/                the iteration's model, Hugging Face layout (+ ``complete``)
-    DIR/iter1/metrics.json
-    DIR/summary.json                {"recipe", "baseline", "iterations": [...], "final", "seconds"}
+    DIR/iter1/metrics.json          (and eval_details.json: every description and answer)
+    DIR/summary.json                {"recipe", "baseline", "iterations": [...], "final", "seconds",
+                                     "changes": [...]}
 
 Every file is written atomically or appended line by line (``lvlm.records``), so a killed run,
 rerun with the same command, continues where it stopped.
@@ -122,10 +123,26 @@ def collect(items: Sequence, work: Callable[[list], list[dict]], directory: str 
 # ---------------------------------------------------------------------------------------------
 
 
+def changes_from_baseline(out: Path, iterations: int) -> list[dict] | None:
+    """Per iteration t, ``recipes.evaluate.changes_between`` of ``out/baseline`` and ``out/iter{t}``'s
+    ``eval_details.json``: descriptions and POPE answers that turned right or wrong since the starting
+    model, with the sign test's p. None when a details file is missing (no evaluation set)."""
+    from recipes.evaluate import changes_between
+
+    paths = [out / "baseline" / "eval_details.json"] + [out / f"iter{t}" / "eval_details.json"
+                                                         for t in range(1, iterations + 1)]
+    if iterations < 1 or not all(path.is_file() for path in paths):
+        return None
+    before = json.loads(paths[0].read_text())
+    return [changes_between(before, json.loads(path.read_text())) for path in paths[1:]]
+
+
 def write_summary(out: Path, recipe: str, baseline: dict, iterations: list[dict], seconds: float) -> dict:
-    """``out/summary.json`` with the shape the issue fixes; returns it."""
+    """``out/summary.json`` with the shape the issue fixes, plus ``changes`` (``changes_from_baseline``;
+    None without evaluation details); returns it."""
     summary = {"recipe": recipe, "baseline": baseline, "iterations": iterations,
-               "final": iterations[-1] if iterations else baseline, "seconds": round(seconds, 1)}
+               "final": iterations[-1] if iterations else baseline, "seconds": round(seconds, 1),
+               "changes": changes_from_baseline(out, len(iterations)) if is_main_process() else None}
     if is_main_process():
         write_json_atomic(out / "summary.json", summary)
     return summary
@@ -148,3 +165,17 @@ def print_summary(summary: dict) -> None:
     rows += [(f"iter {t}", m) for t, m in enumerate(summary["iterations"], 1)]
     print(f"\n{summary['recipe']}: metrics in % on the held-out set ({summary['seconds']:.0f} s)")
     print(format_table(rows), flush=True)
+    if summary.get("changes"):
+        print(format_changes(summary["changes"]), flush=True)
+
+
+def format_changes(changes: list[dict]) -> str:
+    """What changed since the baseline, item by item: per iteration, descriptions cleaned (no longer naming
+    an absent object) against spoiled, POPE answers turned right against turned wrong, each with the
+    sign test's p (``rewards.paired``; a large p: the change is within what chance gives)."""
+    lines = ["changed since the baseline: descriptions cleaned / spoiled, POPE answers turned right / wrong"]
+    for t, change in enumerate(changes, 1):
+        d, p = change["descriptions"], change["pope"]
+        lines.append(f"iter {t:<7}descriptions {d['better']} / {d['worse']} of {d['n']} (p {d['p']:.2g}), "
+                     f"POPE {p['better']} / {p['worse']} of {p['n']} (p {p['p']:.2g})")
+    return "\n".join(lines)

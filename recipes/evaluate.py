@@ -31,7 +31,9 @@ file: the objects of an image are its annotated categories, POPE's questions are
 and one multiple-choice question asks which of four categories is in the image.
 
 The metrics (fractions in [0, 1]) are returned, printed as a table and written to ``out`` (JSON,
-atomically); the generated texts go to ``details`` when given.
+atomically); the generated texts and answers go to ``details`` when given, and ``changes_between``
+compares two such files item by item (how many items turned right, how many wrong, and whether
+that is more than chance: ``rewards.paired``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from lvlm.image import load_image, preprocess_image  # noqa: E402
 from lvlm.records import read_json, write_json_atomic  # noqa: E402
 from lvlm.tokenizer import Tokenizer, encode_prompt  # noqa: E402
 from rewards.metrics import build_vocabulary, chair, load_synonyms, multiple_choice_accuracy, parse_yes_no, pope  # noqa: E402
+from rewards.paired import paired_change  # noqa: E402
 
 DESCRIPTION_PROMPT = "Describe this image in detail."
 POPE_TEMPLATE = "Is there {article} {object} in the image?"
@@ -355,6 +358,27 @@ def print_metrics(metrics: dict, title: str = "metrics", file=None) -> None:
     for key, value in metrics.items():
         print(f"  {key:<{width}}  {100 * value:6.1f}%", file=file)
     file.flush()
+
+
+def changes_between(before: dict, after: dict) -> dict:
+    """Two ``details`` of ``evaluate`` on the same set, item by item (``rewards.paired.paired_change``):
+    ``{"descriptions": {...}, "pope": {...}}``, each with ``better`` / ``worse`` counts and the sign
+    test's ``p``. A description is right when it names no hallucinated object; a POPE answer when it
+    is read as the label (an answer with neither word counts as "no", as in ``pope``)."""
+    for part in ("descriptions", "pope"):
+        keys = [[(item["image"], item.get("question")) for item in details[part]] for details in (before, after)]
+        if keys[0] != keys[1]:
+            raise ValueError(f"changes_between: the two evaluations' {part} are not the same items "
+                             f"({len(keys[0])} and {len(keys[1])}); compare runs on the same evaluation set")
+
+    def pope_right(details):
+        return [bool(parse_yes_no(q["reply"])) == parse_yes_no(q["answer"]) for q in details["pope"]]
+
+    def clean(details):
+        return [not d["hallucinated"] for d in details["descriptions"]]
+
+    return {"descriptions": paired_change(clean(before), clean(after)),
+            "pope": paired_change(pope_right(before), pope_right(after))}
 
 
 # ---------------------------------------------------------------------------------------------

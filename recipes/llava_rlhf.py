@@ -580,7 +580,7 @@ def evaluate_stage(model, tokenizer: Tokenizer, sources: Sources, directory: Pat
 
         log(f"[{what}] evaluating on {sources.eval_set.name} ({len(sources.eval_set.images)} images)")
         evaluate(model, tokenizer, sources.eval_set, batch_size=config.eval_batch, out=path,
-                 details=directory / "details.json", verbose=False)
+                 details=directory / "eval_details.json", verbose=False)
     barrier()
     metrics = json.loads(path.read_text())
     log(f"[{what}] " + "  ".join(f"{k} {100 * metrics[k]:.1f}" for k in

@@ -56,8 +56,10 @@ def test_micro_run_files_summary_and_rerun(tmp_path, micro_models, monkeypatch):
     summary = csr.main(["--preset", "micro", "--out", str(out)])
 
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk) == {"recipe", "baseline", "iterations", "final", "seconds"}
+    assert set(on_disk) == {"recipe", "baseline", "iterations", "final", "seconds", "changes"}
     assert on_disk["recipe"] == "csr" and len(on_disk["iterations"]) == 1 and on_disk["seconds"] > 0
+    change = on_disk["changes"][0]  # baseline -> iteration 1, item by item, on the same 4 test images
+    assert change["descriptions"]["n"] == 4 and change["pope"]["n"] > 0 and 0 < change["pope"]["p"] <= 1
     for metrics in [on_disk["baseline"], on_disk["final"]] + on_disk["iterations"]:
         for key in METRIC_KEYS:
             assert 0.0 <= metrics[key] <= 1.0, key

@@ -8,7 +8,7 @@ import torch
 from lvlm.llava import LlavaForConditionalGeneration
 from optim.train import TrainConfig
 from recipes._dpo import PreferencePairs, add_reference_logps, collate_pairs, dpo_loss_fn, response_logps, train_dpo
-from recipes._run import collect, format_table, open_run, write_summary
+from recipes._run import collect, format_changes, format_table, open_run, write_summary
 from tests.tiny_tokenizer import tiny_llava_config, tiny_tokenizer
 
 
@@ -54,9 +54,34 @@ def test_summary_shape_and_table(tmp_path):
          "mc_acc": 0.7}
     summary = write_summary(tmp_path, "csr", m, [dict(m, chair_s=0.2)], 12.0)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk == summary and set(on_disk) == {"recipe", "baseline", "iterations", "final", "seconds"}
+    assert on_disk == summary and set(on_disk) == {"recipe", "baseline", "iterations", "final", "seconds", "changes"}
     assert on_disk["final"]["chair_s"] == 0.2
+    assert on_disk["changes"] is None  # no evaluation details on disk
     assert "50.0" in format_table([("baseline", m)])
+
+
+def test_summary_counts_changes_from_the_baseline_item_by_item(tmp_path):
+    def details(hallucinated, replies):
+        return {"descriptions": [{"image": i, "hallucinated": h} for i, h in enumerate(hallucinated)],
+                "pope": [{"image": 0, "question": f"q{i}", "answer": a, "reply": r}
+                         for i, (a, r) in enumerate(zip(["Yes", "No", "Yes", "No"], replies))]}
+
+    files = {"baseline": details([["star"], ["star"], [], []], ["Yes", "Yes", "No", "No"]),  # POPE: 2 of 4 right
+             "iter1": details([[], [], ["star"], []], ["Yes", "No.", "I can't tell", "No"])}  # 3 right
+    for name, content in files.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval_details.json").write_text(json.dumps(content))
+    m = {"chair_s": 0.5}
+    summary = write_summary(tmp_path, "csr", m, [m], 1.0)
+    # 2 descriptions cleaned, 1 spoiled: p = 2 (1 + 3) / 8 = 1 (capped); POPE: "No." turned right, "I can't
+    # tell" (read as "no") stayed wrong: 1 better, 0 worse, p = 2 / 2 = 1.
+    assert summary["changes"] == [{"descriptions": {"better": 2, "worse": 1, "n": 4, "p": 1.0},
+                                   "pope": {"better": 1, "worse": 0, "n": 4, "p": 1.0}}]
+    assert "descriptions 2 / 1 of 4" in format_changes(summary["changes"])
+    files["iter1"]["pope"] = files["iter1"]["pope"][:3]  # another evaluation set: refused, not miscounted
+    (tmp_path / "iter1" / "eval_details.json").write_text(json.dumps(files["iter1"]))
+    with pytest.raises(ValueError, match="not the same items"):
+        write_summary(tmp_path, "csr", m, [m], 1.0)
 
 
 def _tiny_setup():

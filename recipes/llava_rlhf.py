@@ -201,13 +201,14 @@ class RLHFConfig:
 #   ptx_coef 1, 76.89 / 76.65 / 78.22 (CHAIR_s 7.5 / 7.5 / 7.0); with 3, 77.35 / 76.97 / 78.43 (CHAIR_s
 #   7.5 / 7.0 / 8.0, recall 82.2 / 82.4 / 82.4). On the whole 1,000-image test split the last
 #   iteration's F1 is 77.47 with 1 and 77.94 with 3 (SFT 77.77; seed 1: 77.09 and 77.61; README).
+# - eval on the whole test split (1,000 images; CSR's preset says why).
 WORLD_RLHF = dataclasses.replace(
     RLHFConfig(),
     pair_prompts=1000, samples_per_prompt=4, pairs_per_prompt=3,
     n_captions=1, rm_lora_r=0, rm_lr=5e-4, rm_epochs=2, rm_batch=16, rm_micro_batch=16, rm_eval_share=0.1,
     ppo_iterations=3, rollouts_per_iteration=6, rollout_batch=64, step_batch=32, ppo_lr=5e-5, warmup_steps=2,
     policy_lora_r=0, max_new_tokens=64, symbolic_share=0.0, ppo_prompts=4000, micro_batch=16, kl_coef=0.2,
-    ptx_coef=3.0,
+    ptx_coef=3.0, eval_images=1000,
 )
 
 # The whole chain in seconds on the micro world (CI): nothing here is meant to work, only to run.

@@ -189,7 +189,8 @@ PAPER_RLAIF_V = RLAIFVConfig()
 # - max_new_tokens 96: the world's descriptions are at most 5 sentences (~60 tokens);
 # - lr 1e-4 (not 5e-7) with global batch 16, 2 epochs: a 1M-parameter model from scratch, not a 7B one
 #   (7B DPO learning rates do not move it at all);
-# - eval on 200 test images with the 128-token budget of recipes/evaluate.py;
+# - eval on the whole test split (1,000 images; CSR's preset says why) with the 128-token budget of
+#   recipes/evaluate.py;
 # - w_sft 1 (the SFT term on the chosen response, the paper's option, off in its preset): on the grounded
 #   world models, iteration 2 without it reached CHAIR_s 7.5% at recall 73.7% (SFT 19.0% / 93.4%), with
 #   it 9.0% at 89.6%; POPE F1 80.0% and 80.8% (SFT 81.4%).
@@ -202,7 +203,7 @@ PAPER_RLAIF_V = RLAIFVConfig()
 #   6.0 / 8.0 / 10.0, F1 77.75 / 78.43 / 78.39); w_sft 3 without the ptx term: F1 73.87 / 74.89 (README).
 WORLD_RLAIF_V = dataclasses.replace(
     PAPER_RLAIF_V, iterations=2, instructions_per_iteration=512, max_new_tokens=96, collect_batch=32,
-    lr=1e-4, epochs=2, global_batch_size=16, micro_batch_size=16, reference_batch=32, eval_images=200,
+    lr=1e-4, epochs=2, global_batch_size=16, micro_batch_size=16, reference_batch=32, eval_images=1000,
     w_sft=3.0, ptx_coef=3.0,
 )
 

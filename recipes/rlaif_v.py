@@ -23,11 +23,12 @@ The algorithm (paper Sec. 3, ANCHORS §2). Per iteration t = 1 .. T (4 in the pa
    labeler model, reading P(yes) + P(Yes) against P(no) + P(No) of the first answer token
    (``rewards.labeler.label_questions``: one batched forward per image over all questions of all n
    responses, the shared prompt head encoded once);
-5. combine: score S = -(number of rejected claims) per response; preference pairs with |dS| >= 1,
-   pairs with unjudged claims dropped, at most 2 pairs per instruction, then length balancing over
-   the whole dataset (``rewards.pairs.build_preference_pairs``). Records carry the RLAIF-V-Dataset
-   field names (ds_name, image, image_path, question, chosen, rejected, origin_dataset,
-   origin_split, idx) plus the two scores;
+5. combine: score S = -(number of rejected claims) per response (on the world, ``--reject_repeats``, not
+   in the paper, also counts as rejected a claim that only names objects an earlier claim named);
+   preference pairs with |dS| >= 1, pairs with unjudged claims dropped, at most 2 pairs per
+   instruction, then length balancing over the whole dataset (``rewards.pairs.build_preference_pairs``).
+   Records carry the RLAIF-V-Dataset field names (ds_name, image, image_path, question, chosen,
+   rejected, origin_dataset, origin_split, idx) plus the two scores;
 6. reference log-probs of every chosen and rejected response, computed once and stored with the
    pairs (``recipes._dpo.add_reference_logps``). The reference of iteration t is the model that
    starts it (the SFT model for t = 1, iteration t-1's result afterwards), frozen: the model that
@@ -92,7 +93,8 @@ from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import (collect, format_table, mark_done, model_done, open_run,  # noqa: E402
                           write_summary)
 from rewards.claims import (claim_to_question, claims_to_questions_with_model_batch, labeler_prompt,  # noqa: E402
-                            split_claims, split_claims_with_model_batch, without_labeler_suffix, yes_no_answer)
+                            repeated_claims, split_claims, split_claims_with_model_batch, without_labeler_suffix,
+                            yes_no_answer)
 from rewards.labeler import (answer_token_id, claim_accepted, label_questions, rejected_per_response,  # noqa: E402
                              response_score)
 from rewards.pairs import build_preference_pairs  # noqa: E402
@@ -145,6 +147,10 @@ class RLAIFVConfig:
     max_pairs_per_instruction: int = 2
     min_score_gap: float = 1.0
     balance_lengths: bool = True
+    # not in the paper (the world only): a claim that names only objects an earlier claim of its response
+    # named counts as rejected (``rewards.claims.repeated_claims``; in the world every shape is in an
+    # image at most once, so naming one again restates it or makes up a second one)
+    reject_repeats: bool = False
     # 6. reference
     reference: str = "iteration"  # "iteration": the model that starts the iteration; "sft": the SFT model
     reference_batch: int = 8
@@ -184,8 +190,9 @@ class RLAIFVConfig:
 PAPER_RLAIF_V = RLAIFVConfig()
 
 # The built-in world's preset. What differs from the paper, and why:
-# - 2 iterations of 512 instructions (not 4 x 4k): the world's hallucination (one made-up sentence about
-#   an absent prior partner, lvlm/world) is simple, and the whole run must fit in ~10 CPU minutes;
+# - 2 iterations of 512 instructions (not 4 x 4k; 3 on the float32 models, ``WORLD_RLAIF_V_ON``): the world's
+#   hallucination (one made-up sentence about an absent prior partner, lvlm/world) is simple, and the whole
+#   run must fit in ~10 CPU minutes;
 # - max_new_tokens 96: the world's descriptions are at most 5 sentences (~60 tokens);
 # - lr 1e-4 (not 5e-7) with global batch 16, 2 epochs: a 1M-parameter model from scratch, not a 7B one
 #   (7B DPO learning rates do not move it at all);
@@ -215,6 +222,22 @@ MICRO_RLAIF_V = dataclasses.replace(
 )
 
 PRESETS = {"paper": PAPER_RLAIF_V, "world": WORLD_RLAIF_V, "micro": MICRO_RLAIF_V}
+
+# What ``world`` changes on a world preset's models. The float32 preset's SFT models (what ``auto`` picks on a
+# CPU) name an object twice in many descriptions (the Intel build's in 49% of them on the 1,000 test images,
+# the Zen 3 build's in 28%), and a restated claim is judged true again: the chosen responses repeated more
+# often than the rejected ones (iteration 2 on the Intel models: 50% against 42%), DPO learnt to restate
+# instead of naming more objects (distinct objects per description 2.03 -> 1.72), and recall fell 7.65
+# points at iteration 2 (CHAIR_s 20.5 -> 9.0). With repeats counted as rejected (``reject_repeats``, not in
+# the paper) the chosen responses repeated less than the rejected ones (iteration 2: 20% against 56%), and
+# a third iteration (the paper has four) makes up the slower fall of CHAIR_s. On the Intel models (CHAIR_s /
+# recall / POPE F1 against 20.5 / 73.98 / 92.87, iterations 1 / 2 / 3): 11.7 / 11.2 / 10.0, 72.19 / 71.46 /
+# 73.49, 93.11 / 93.15 / 93.11 (seed 1: 16.4 / 10.8 / 10.2, 71.91 / 70.28 / 70.72, 92.94 / 93.15 / 93.05;
+# seed 2: 14.5 / 11.3 / 10.7, 72.52 / 72.07 / 72.15, 92.69 / 92.92 / 93.12): the three targets met at
+# iteration 3 with seeds 0 and 1 (CHAIR_s by 0.25 and 0.05 points), CHAIR_s missed by 0.45 with seed 2
+# (docs/WORLD_BUILDS.md).
+# Not measured on the Zen 3 models, where the preset without it cut CHAIR_s by 73% and recall by 5.8 points.
+WORLD_RLAIF_V_ON = {"float32": {"reject_repeats": True, "iterations": 3}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +418,8 @@ def label_responses(labeler, labeler_tokenizer: Tokenizer, image, question_lists
 
 
 def collect_responses(policy, tokenizer: Tokenizer, labeler, labeler_tokenizer: Tokenizer, items: list[dict], *,
-                      load_image, config: RLAIFVConfig, iteration: int, splitter=None) -> list[dict]:
+                      load_image, config: RLAIFVConfig, iteration: int, splitter=None,
+                      objects_of=None) -> list[dict]:
     """Steps 2-5 for a batch of instructions: n samples each, claims, labeler verdicts, scores.
 
     items: instruction dicts (``world_instructions`` / ``load_instructions``) plus ``number`` (the position
@@ -403,6 +427,9 @@ def collect_responses(policy, tokenizer: Tokenizer, labeler, labeler_tokenizer: 
     response does not depend on the batch or rank it was drawn in). One ``generate`` call: every prompt
     prefilled once and forked to n rows. Returns one record per item: its fields plus ``responses``, each
     {text, score, n_claims, n_judged, claims, questions, needs_yes, accepted, n_tokens, finish_reason}.
+    objects_of (``--reject_repeats``; claim -> the objects it names): a claim that only repeats objects of
+    earlier claims (``rewards.claims.repeated_claims``) is counted as rejected whatever the labeler said;
+    each response then also lists ``repeated``.
     """
     per_image = policy.config.image_tokens_per_image
     size = policy.config.vision_config.image_size
@@ -426,11 +453,19 @@ def collect_responses(policy, tokenizer: Tokenizer, labeler, labeler_tokenizer: 
         claims, questions, expected = divide_and_conquer(item["question"], texts, splitter)
         verdicts, scores = label_responses(labeler, labeler_tokenizer, image, questions, max_rows=config.labeler_rows,
                                            expected=expected)
+        if objects_of is not None:
+            repeated = [repeated_claims(cl, objects_of) if len(cl) == len(v) else [False] * len(v)
+                        for cl, v in zip(claims, verdicts)]
+            verdicts = [[a and not r for a, r in zip(v, rep)] for v, rep in zip(verdicts, repeated)]
+            scores = [response_score(sum(not a for a in v)) for v in verdicts]
         responses = [{"text": text, "score": score, "n_claims": len(cl), "n_judged": len(v), "claims": cl,
                       "questions": qs, "needs_yes": e, "accepted": v, "n_tokens": len(g.tokens),
                       "finish_reason": g.finish_reason}
                      for text, score, cl, qs, e, v, g in zip(texts, scores, claims, questions, expected, verdicts,
                                                              samples)]
+        if objects_of is not None:
+            for response, rep in zip(responses, repeated):
+                response["repeated"] = rep
         record = {k: v for k, v in item.items() if k != "number"}
         records.append(dict(record, responses=responses))
     return records
@@ -536,7 +571,12 @@ def resolve_config(argv=None) -> tuple[RLAIFVConfig, str]:
     args = parser.parse_args(argv)
     given = config_from_args(args, PAPER_RLAIF_V)
     name = args.preset or ("paper" if given.model else "world")
-    config = config_from_args(args, PRESETS[name])
+    defaults = PRESETS[name]
+    if name == "world":
+        from recipes.world_models import resolve_world_preset
+
+        defaults = dataclasses.replace(defaults, **WORLD_RLAIF_V_ON.get(resolve_world_preset(given.world_preset), {}))
+    config = config_from_args(args, defaults)
     real = config.model is not None
     if real and config.data is None:
         parser.error("a real run needs --data (and --images) beside --model")
@@ -544,6 +584,8 @@ def resolve_config(argv=None) -> tuple[RLAIFVConfig, str]:
         parser.error("--data / --labeler / --splitter need --model (without it, the built-in world runs)")
     if real and config.yes_no_share > 0:
         parser.error("--yes_no_share makes world instructions; on a real run put the questions in --data")
+    if real and config.reject_repeats:
+        parser.error("--reject_repeats reads the world's object vocabulary; it is for the built-in world only")
     if not real and config.ptx_data is not None:
         parser.error("--ptx_data needs --model (the built-in world replays its own SFT data)")
     if real and config.ptx_coef > 0 and config.ptx_data is None:
@@ -667,6 +709,12 @@ def main(argv=None) -> dict:
         splitter_model = load_lvlm(config.splitter, dtype=_frozen_dtype(device), device=device).requires_grad_(False)
         splitter = text_generate_fn(splitter_model, Tokenizer.from_file(config.splitter),
                                     max_new_tokens=config.splitter_max_new_tokens)
+    objects_of = None
+    if config.reject_repeats:  # the world only (resolve_config): its shapes and their synonyms
+        from lvlm.world import object_synonyms
+        from rewards.metrics import build_vocabulary, find_objects
+
+        objects_of = functools.partial(find_objects, vocab=build_vocabulary(object_synonyms(inputs.world)))
     out = open_run(config.out, RECIPE, config_to_dict(config),
                    models={"policy": inputs.sft, "labeler": inputs.labeler, "splitter": config.splitter})
     sft_dir, load_image, eval_set = inputs.sft, inputs.load_image, inputs.eval_set
@@ -699,7 +747,8 @@ def main(argv=None) -> dict:
 
         # 2-5. n samples, claims, labeler verdicts, scores -- split across ranks, resumable
         work = functools.partial(collect_responses, policy, tokenizer, labeler, labeler_tokenizer,
-                                 load_image=load_image, config=config, iteration=t, splitter=splitter)
+                                 load_image=load_image, config=config, iteration=t, splitter=splitter,
+                                 objects_of=objects_of)
         samples = collect(items, work, it_dir, "samples", batch_size=config.collect_batch,
                           what=f"[iter {t}] sample + label")
         seconds = {"collect": time.time() - t_started}

@@ -20,6 +20,7 @@ __all__ = [
     "labeler_prompt",
     "yes_no_answer",
     "without_labeler_suffix",
+    "repeated_claims",
     "YES_NO_SUFFIX",
     "SPLIT_PROMPT",
     "QUESTION_PROMPT",
@@ -211,6 +212,26 @@ def yes_no_answer(question: str, answer: str) -> bool | None:
     first = re.match(r"\s*([A-Za-z]+)", answer)
     word = first.group(1).lower() if first else ""
     return True if word == "yes" else False if word == "no" else None
+
+
+def repeated_claims(claims: Sequence[str], objects_of: Callable[[str], list[str]]) -> list[bool]:
+    """Per claim, whether it only repeats: it names at least one object, and every object it names was
+    named by an earlier claim of the same response. ``objects_of``: claim -> the objects it names
+    (e.g. ``rewards.metrics.find_objects`` with the world's vocabulary).
+
+    Not in RLAIF-V. A claim that restates one already judged true is judged true again, so a response
+    padded with restatements scores as well as one that names more objects, at the same length
+    (``rewards.pairs`` balances word counts); ``recipes/rlaif_v.py --reject_repeats`` counts such
+    claims as rejected. ["The red circle is on the left.", "A red disk is at the left.", "A blue star
+    is at the top."] -> [False, True, False] when "disk" is a synonym of "circle".
+    """
+    seen: set = set()
+    repeated = []
+    for claim in claims:
+        named = set(objects_of(claim))
+        repeated.append(bool(named) and named <= seen)
+        seen |= named
+    return repeated
 
 
 def without_labeler_suffix(question: str) -> str:

@@ -11,6 +11,7 @@ from rewards.claims import (
     labeler_prompt,
     parse_dash_lines,
     question_prompt,
+    repeated_claims,
     split_claims,
     split_claims_with_model,
     split_claims_with_model_batch,
@@ -152,3 +153,17 @@ def test_claims_to_questions_with_model():
     assert claims_to_questions_with_model_batch(gen, [["c1"], [], ["c2", "c3"]]) == [["Q1?"], [], ["Q2?", "Q3?"]]
     assert len(gen.calls[0]) == 2  # the empty claim list is not sent to the model
     assert claims_to_questions_with_model(ScriptedGenerator([]), []) == []
+
+
+def test_repeated_claims_only_restate_earlier_objects():
+    names = {"circle": "circle", "disk": "circle", "star": "star", "box": "box"}
+
+    def objects_of(claim):
+        return [names[w] for w in claim.lower().rstrip(".").split() if w in names]
+
+    claims = ["A red circle is on the left.", "The red disk is at the left.",  # the circle again
+              "The image is bright.",  # names nothing: not a repeat
+              "A star and a circle are at the top.",  # a new object beside an old one: not a repeat
+              "The star is at the top.", "A blue box is below."]
+    assert repeated_claims(claims, objects_of) == [False, True, False, False, True, False]
+    assert repeated_claims([], objects_of) == []

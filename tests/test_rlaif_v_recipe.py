@@ -7,6 +7,7 @@ its question has an odd number of words. The scores, pairs and reference log-pro
 against values recomputed here independently (the reference log-probs by a plain forward pass).
 """
 
+import functools
 import json
 
 import pytest
@@ -17,7 +18,9 @@ import recipes.rlaif_v as rlaif_v
 from lvlm.checkpoint import load_lvlm
 from lvlm.tokenizer import Tokenizer, encode_conversation
 from recipes.world_models import WORLD_PRESETS, ensure_world_models, render_world_image
-from rewards.claims import claim_to_question, split_claims
+from lvlm.world import object_synonyms
+from rewards.claims import claim_to_question, repeated_claims, split_claims
+from rewards.metrics import build_vocabulary, find_objects
 
 PAIR_FIELDS = {"ds_name", "image", "image_path", "question", "chosen", "rejected", "origin_dataset", "origin_split",
                "idx", "chosen_score", "rejected_score", "ref_chosen_logp", "ref_rejected_logp"}
@@ -196,6 +199,41 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, micro_models)
         rlaif_v.main(base + ["--data", str(torn)])
     with pytest.raises(FileNotFoundError, match="no config.json"):
         rlaif_v.main(base + ["--data", str(missing), "--labeler", str(tmp_path)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_reject_repeats_counts_claims_that_restate_objects_as_rejected(tmp_path, micro_models, monkeypatch):
+    monkeypatch.setattr(rlaif_v, "label_responses", odd_words_rejected)
+    out = tmp_path / "run"
+    rlaif_v.main(MICRO_ARGS + ["--out", str(out), "--reject_repeats", "true"])
+    vocab = build_vocabulary(object_synonyms(WORLD_PRESETS["micro"].world))
+    objects_of = functools.partial(find_objects, vocab=vocab)
+    responses = [r for s in _lines(out / "iter1" / "samples.jsonl") for r in s["responses"]]
+    for r in responses:
+        repeated = repeated_claims(r["claims"], objects_of)
+        by_labeler = [len(q.split()) % 2 == 0 for q in r["questions"]]
+        assert r["repeated"] == repeated
+        assert r["accepted"] == [a and not rep for a, rep in zip(by_labeler, repeated)]
+        assert r["score"] == -sum(not a for a in r["accepted"])
+    assert any(any(r["repeated"]) for r in responses), "no response of the micro run repeated an object"
+
+
+def test_the_world_preset_picks_rlaif_v_settings_and_flags_still_win():
+    default, _ = rlaif_v.resolve_config(["--world_preset", "default"])
+    assert (default.reject_repeats, default.iterations) == (False, rlaif_v.WORLD_RLAIF_V.iterations) == (False, 2)
+    f32, _ = rlaif_v.resolve_config(["--world_preset", "float32"])
+    assert {name: getattr(f32, name) for name in rlaif_v.WORLD_RLAIF_V_ON["float32"]} == \
+        rlaif_v.WORLD_RLAIF_V_ON["float32"] == {"reject_repeats": True, "iterations": 3}
+    mine, _ = rlaif_v.resolve_config(["--world_preset", "float32", "--reject_repeats", "false", "--iterations", "2"])
+    assert (mine.reject_repeats, mine.iterations) == (False, 2)
+    paper, _ = rlaif_v.resolve_config(["--model", "some/dir", "--data", "x.jsonl"])
+    assert paper.reject_repeats is False and paper.iterations == 4  # real checkpoints: the paper's
+
+
+def test_reject_repeats_is_refused_on_a_real_run(tmp_path, micro_models):
+    with pytest.raises(SystemExit):
+        rlaif_v.main(["--model", str(micro_models.sft), "--data", str(tmp_path / "x.jsonl"), "--reject_repeats", "true",
+                      "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 

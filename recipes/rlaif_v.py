@@ -90,7 +90,7 @@ from optim.distributed import barrier, get_world_size, is_main_process, setup_di
 from optim.train import TrainConfig  # noqa: E402
 from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
 from recipes._ptx import replay_dataset, replay_source  # noqa: E402
-from recipes._run import (collect, format_table, mark_done, model_done, open_run,  # noqa: E402
+from recipes._run import (collect, format_changes, format_table, mark_done, model_done, open_run,  # noqa: E402
                           write_summary)
 from rewards.claims import (claim_to_question, claims_to_questions_with_model_batch, labeler_prompt,  # noqa: E402
                             repeated_claims, split_claims, split_claims_with_model_batch, without_labeler_suffix,
@@ -853,6 +853,8 @@ def print_report(summary: dict) -> None:
         rows.append((f"best-of-{summary['best_of_n']['n']}", summary["best_of_n"]["metrics"]))
     print(f"\n{summary['recipe']}: metrics in % on the held-out set ({summary['seconds']:.0f} s)")
     print(format_table([(name, m) for name, m in rows if m]))
+    if summary.get("changes"):
+        print(format_changes(summary["changes"]))
     base, final = summary["baseline"], summary["final"]
     if base and final and "chair_s" in base:
         drop = 1 - final["chair_s"] / base["chair_s"] if base["chair_s"] > 0 else 0.0

@@ -123,6 +123,10 @@ def _check_summary(out, *, evaluated: bool):
             assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
         else:
             assert metrics == {}
+    if evaluated:  # item by item since the SFT model, from the two evaluations' eval_details.json
+        assert summary["changes"][0]["pope"]["n"] > 0
+    else:
+        assert summary["changes"] is None
     accuracy = summary["reward_model"]["held_out"]["accuracy"]
     assert 0.0 <= accuracy <= 1.0 and summary["reward_model"]["held_out"]["pairs"] >= 1
     for path in ("config.json", "reward_model/accuracy.json", "reward_model/score_head.safetensors",

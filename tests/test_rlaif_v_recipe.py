@@ -72,6 +72,7 @@ def test_world_run_writes_the_layout_and_a_well_formed_summary(world_run):
     assert on_disk["recipe"] == "rlaif_v" and len(on_disk["iterations"]) == 1
     assert on_disk["final"] == on_disk["iterations"][-1]
     assert on_disk["best_of_n"]["n"] == 2
+    assert on_disk["changes"][0]["descriptions"]["n"] == 2  # item by item, on the 2 evaluation images
     for metrics in [on_disk["baseline"], on_disk["final"], on_disk["best_of_n"]["metrics"]]:
         assert METRICS <= set(metrics)
         assert all(0.0 <= metrics[k] <= 1.0 for k in METRICS)

@@ -19,6 +19,7 @@ from lvlm.world import (
     describe,
     description_instruction,
     find_mentions,
+    hallucination_counts,
     multiple_choice_questions,
     object_synonyms,
     oracle_prefers,
@@ -464,6 +465,17 @@ def test_oracle_prefers_fewer_hallucinations_then_more_coverage():
     assert oracle_prefers("Nothing here.", "A circle, a box and a star.", truth) == 1
     scene = next(s for s in scenes("train", limit=50) if describe(s).eligible and len(s.objects) > 1)
     assert oracle_prefers(describe(scene, noisy=False).text, describe(scene, noisy=True).text, scene) == 1
+
+
+def test_oracle_can_count_a_repeated_object_as_a_hallucinated_one():
+    truth = ["circle", "square"]
+    restating = "The red circle is at the left. A red disk is on the left."  # the circle twice
+    assert hallucination_counts(restating, truth) == (0, 1)
+    assert hallucination_counts(restating, truth, count_repeats=True) == (1, 1)
+    assert hallucination_counts("A disk, a star, a box and a star.", truth, count_repeats=True) == (2, 2)
+    once = "The red circle is at the left."
+    assert oracle_prefers(restating, once, truth) == 0  # as the paper's annotators: no more hallucinated, same help
+    assert oracle_prefers(restating, once, truth, count_repeats=True) == -1
 
 
 @pytest.fixture(scope="module")

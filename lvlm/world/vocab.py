@@ -124,27 +124,34 @@ def _truth_set(truth, config: WorldConfig, with_colour: bool) -> set:
     return result
 
 
-def hallucination_counts(text: str, truth, config: WorldConfig = DEFAULT_CONFIG, *, with_colour: bool = False) -> tuple:
+def hallucination_counts(text: str, truth, config: WorldConfig = DEFAULT_CONFIG, *, with_colour: bool = False,
+                         count_repeats: bool = False) -> tuple:
     """(number of distinct hallucinated objects, number of distinct covered truth objects).
 
-    truth: a Scene, or an iterable of canonical objects (or synonyms).
+    truth: a Scene, or an iterable of canonical objects (or synonyms). count_repeats: also count, as
+    hallucinated, every mention of an object after its first (a scene holds each shape at most once, so
+    naming one again restates it or makes up a second one).
     """
     truth_set = _truth_set(truth, config, with_colour)
-    mentioned = set(find_mentions(text, config, with_colour=with_colour))
-    return len(mentioned - truth_set), len(mentioned & truth_set)
+    mentions = find_mentions(text, config, with_colour=with_colour)
+    mentioned = set(mentions)
+    repeats = len(mentions) - len(mentioned) if count_repeats else 0
+    return len(mentioned - truth_set) + repeats, len(mentioned & truth_set)
 
 
-def oracle_prefers(a: str, b: str, truth, config: WorldConfig = DEFAULT_CONFIG, *, with_colour: bool = False) -> int:
+def oracle_prefers(a: str, b: str, truth, config: WorldConfig = DEFAULT_CONFIG, *, with_colour: bool = False,
+                   count_repeats: bool = False) -> int:
     """The oracle annotator's choice between responses a and b: 1 (a), -1 (b) or 0 (tie).
 
     Stands in for LLaVA-RLHF's human preference annotation (Sun et al. 2023, Sec. 2.2:
     annotators pick the response that hallucinates less; on a tie, the more helpful one).
     Here: fewer distinct hallucinated objects wins; then more distinct covered ground-truth
     objects ("more helpful") wins; otherwise a tie. truth: a Scene or an iterable of
-    canonical objects.
+    canonical objects. count_repeats: a repeated mention counts as a hallucinated object
+    (``hallucination_counts``).
     """
-    bad_a, covered_a = hallucination_counts(a, truth, config, with_colour=with_colour)
-    bad_b, covered_b = hallucination_counts(b, truth, config, with_colour=with_colour)
+    bad_a, covered_a = hallucination_counts(a, truth, config, with_colour=with_colour, count_repeats=count_repeats)
+    bad_b, covered_b = hallucination_counts(b, truth, config, with_colour=with_colour, count_repeats=count_repeats)
     if bad_a != bad_b:
         return 1 if bad_a < bad_b else -1
     if covered_a != covered_b:

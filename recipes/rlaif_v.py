@@ -454,8 +454,7 @@ def collect_responses(policy, tokenizer: Tokenizer, labeler, labeler_tokenizer: 
         verdicts, scores = label_responses(labeler, labeler_tokenizer, image, questions, max_rows=config.labeler_rows,
                                            expected=expected)
         if objects_of is not None:
-            repeated = [repeated_claims(cl, objects_of) if len(cl) == len(v) else [False] * len(v)
-                        for cl, v in zip(claims, verdicts)]
+            repeated = [repeated_claims(cl, objects_of) for cl in claims]  # rule-split: one question per claim
             verdicts = [[a and not r for a, r in zip(v, rep)] for v, rep in zip(verdicts, repeated)]
             scores = [response_score(sum(not a for a in v)) for v in verdicts]
         responses = [{"text": text, "score": score, "n_claims": len(cl), "n_judged": len(v), "claims": cl,
@@ -710,11 +709,10 @@ def main(argv=None) -> dict:
         splitter = text_generate_fn(splitter_model, Tokenizer.from_file(config.splitter),
                                     max_new_tokens=config.splitter_max_new_tokens)
     objects_of = None
-    if config.reject_repeats:  # the world only (resolve_config): its shapes and their synonyms
-        from lvlm.world import object_synonyms
-        from rewards.metrics import build_vocabulary, find_objects
+    if config.reject_repeats:  # the world only (resolve_config): the shapes a claim names, synonyms included
+        from lvlm.world import find_mentions
 
-        objects_of = functools.partial(find_objects, vocab=build_vocabulary(object_synonyms(inputs.world)))
+        objects_of = functools.partial(find_mentions, config=inputs.world)
     out = open_run(config.out, RECIPE, config_to_dict(config),
                    models={"policy": inputs.sft, "labeler": inputs.labeler, "splitter": config.splitter})
     sft_dir, load_image, eval_set = inputs.sft, inputs.load_image, inputs.eval_set

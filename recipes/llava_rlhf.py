@@ -117,11 +117,12 @@ class RLHFConfig:
     samples_per_prompt: int = 2  # the annotators compare two responses
     pairs_per_prompt: int = 1
     pair_temperature: float = 1.0
-    # world: the oracle annotator also counts every repeated mention of an object as a hallucinated one
-    # (``lvlm.world.oracle_prefers``; not in the paper, whose annotators judge hallucination, then
-    # helpfulness). Off: on the Intel float32 models it cut CHAIR_s to 9.8 / 7.7 (seeds 0 / 1, iteration
-    # 3) but recall by 9.7 / 17.3 points (docs/WORLD_BUILDS.md)
-    oracle_counts_repeats: bool = False
+    # world: what the oracle annotator makes of a repeated mention of an object (``lvlm.world.oracle_prefers``;
+    # not in the paper, whose annotators judge hallucination, then helpfulness): "ignore", "tie_break" (fewer
+    # wins a tie) or "count" (a hallucinated object). On the Intel float32 models (seed 0, iteration 3; "ignore":
+    # CHAIR_s 13.6, recall -3.0 points) "count" gave 9.8, -9.7 (seed 1: 7.7, -17.3) and "tie_break" 13.3, -6.5
+    # (docs/WORLD_BUILDS.md)
+    oracle_repeats: str = "ignore"
     # 3. reward model
     use_facts: bool = True  # Fact-RLHF; --no-facts sets False (standard RLHF)
     n_captions: int = 5  # COCO has 5 captions per image
@@ -238,6 +239,8 @@ def default_out(config: RLHFConfig, preset: str) -> str:
 def check_config(config: RLHFConfig) -> None:
     """Settings that cannot work, refused before anything runs."""
     world = get_world_size()
+    from lvlm.world import ORACLE_REPEATS
+
     problems = []
     if config.rollout_batch % config.step_batch:
         problems.append(f"rollout_batch {config.rollout_batch} is not a multiple of step_batch {config.step_batch}")
@@ -257,8 +260,10 @@ def check_config(config: RLHFConfig) -> None:
         problems.append("ptx_coef must be >= 0, ptx_batch and ptx_examples >= 1")
     if config.ptx_coef > 0 and config.model is not None and config.ptx_data is None:
         problems.append("ptx_coef > 0 with --model needs --ptx_data (SFT conversations, LLaVA's JSON)")
-    if config.oracle_counts_repeats and config.model is not None:
-        problems.append("oracle_counts_repeats sets the built-in world's oracle; a real run's pairs come from --preferences")
+    if config.oracle_repeats not in ORACLE_REPEATS:
+        problems.append(f"oracle_repeats must be one of {ORACLE_REPEATS}, got {config.oracle_repeats!r}")
+    elif config.oracle_repeats != "ignore" and config.model is not None:
+        problems.append("oracle_repeats sets the built-in world's oracle; a real run's pairs come from --preferences")
     if problems:
         raise ValueError("llava_rlhf config: " + "; ".join(problems))
 
@@ -642,7 +647,7 @@ def world_pair_records(model, tokenizer: Tokenizer, sources: Sources, out: Path,
             for a in range(n):
                 for b in range(a + 1, n):
                     verdict = oracle_prefers(texts[a], texts[b], scene, sources.world,
-                                             count_repeats=config.oracle_counts_repeats)
+                                             repeats=config.oracle_repeats)
                     if verdict:
                         pairs.append([a, b] if verdict > 0 else [b, a])
             rng = random.Random(mix_seeds(config.seed, 2, i))

@@ -475,7 +475,14 @@ def test_oracle_can_count_a_repeated_object_as_a_hallucinated_one():
     assert hallucination_counts("A disk, a star, a box and a star.", truth, count_repeats=True) == (2, 2)
     once = "The red circle is at the left."
     assert oracle_prefers(restating, once, truth) == 0  # as the paper's annotators: no more hallucinated, same help
-    assert oracle_prefers(restating, once, truth, count_repeats=True) == -1
+    assert oracle_prefers(restating, once, truth, repeats="count") == -1
+    # As a tie-break, a repeat only decides between responses equal on hallucination and coverage.
+    assert oracle_prefers(restating, once, truth, repeats="tie_break") == -1
+    assert oracle_prefers(restating + " A star.", once, truth, repeats="tie_break") == -1
+    assert oracle_prefers(restating + " A box.", once, truth, repeats="tie_break") == 1  # covers more
+    assert oracle_prefers(restating + " A box.", once, truth, repeats="count") == -1  # the repeat a hallucination
+    with pytest.raises(ValueError, match="repeats must be one of"):
+        oracle_prefers(restating, once, truth, repeats="yes")
 
 
 @pytest.fixture(scope="module")

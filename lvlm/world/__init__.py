@@ -52,6 +52,7 @@ from .text import (
 )
 from .tokenizer import WORLD_SPECIAL_TOKENS, build_world_tokenizer, make_world_tokenizer
 from .vocab import (
+    ORACLE_REPEATS,
     SHAPE_SYNONYMS,
     find_mentions,
     hallucination_counts,

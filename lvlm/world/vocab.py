@@ -139,21 +139,35 @@ def hallucination_counts(text: str, truth, config: WorldConfig = DEFAULT_CONFIG,
     return len(mentioned - truth_set) + repeats, len(mentioned & truth_set)
 
 
+ORACLE_REPEATS = ("ignore", "tie_break", "count")
+
+
 def oracle_prefers(a: str, b: str, truth, config: WorldConfig = DEFAULT_CONFIG, *, with_colour: bool = False,
-                   count_repeats: bool = False) -> int:
+                   repeats: str = "ignore") -> int:
     """The oracle annotator's choice between responses a and b: 1 (a), -1 (b) or 0 (tie).
 
     Stands in for LLaVA-RLHF's human preference annotation (Sun et al. 2023, Sec. 2.2:
     annotators pick the response that hallucinates less; on a tie, the more helpful one).
     Here: fewer distinct hallucinated objects wins; then more distinct covered ground-truth
     objects ("more helpful") wins; otherwise a tie. truth: a Scene or an iterable of
-    canonical objects. count_repeats: a repeated mention counts as a hallucinated object
-    (``hallucination_counts``).
+    canonical objects. repeats (not in the paper), what a mention of an object after its first counts
+    for: "ignore" (nothing), "tie_break" (on a tie, fewer such mentions wins) or "count" (each is a
+    hallucinated object: ``hallucination_counts(count_repeats=True)``).
     """
-    bad_a, covered_a = hallucination_counts(a, truth, config, with_colour=with_colour, count_repeats=count_repeats)
-    bad_b, covered_b = hallucination_counts(b, truth, config, with_colour=with_colour, count_repeats=count_repeats)
+    if repeats not in ORACLE_REPEATS:
+        raise ValueError(f"repeats must be one of {ORACLE_REPEATS}, got {repeats!r}")
+    count = repeats == "count"
+    bad_a, covered_a = hallucination_counts(a, truth, config, with_colour=with_colour, count_repeats=count)
+    bad_b, covered_b = hallucination_counts(b, truth, config, with_colour=with_colour, count_repeats=count)
     if bad_a != bad_b:
         return 1 if bad_a < bad_b else -1
     if covered_a != covered_b:
         return 1 if covered_a > covered_b else -1
+    if repeats == "tie_break":
+        mentions_a = find_mentions(a, config, with_colour=with_colour)
+        mentions_b = find_mentions(b, config, with_colour=with_colour)
+        restated_a = len(mentions_a) - len(set(mentions_a))
+        restated_b = len(mentions_b) - len(set(mentions_b))
+        if restated_a != restated_b:
+            return 1 if restated_a < restated_b else -1
     return 0

@@ -238,9 +238,9 @@ def default_out(config: RLHFConfig, preset: str) -> str:
 
 def check_config(config: RLHFConfig) -> None:
     """Settings that cannot work, refused before anything runs."""
-    world = get_world_size()
     from lvlm.world import ORACLE_REPEATS
 
+    world = get_world_size()
     problems = []
     if config.rollout_batch % config.step_batch:
         problems.append(f"rollout_batch {config.rollout_batch} is not a multiple of step_batch {config.step_batch}")

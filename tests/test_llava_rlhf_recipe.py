@@ -193,6 +193,8 @@ def test_micro_run_on_user_files(tmp_path):
         main(args[:-2] + ["--out", str(tmp_path / "no_ptx_data")])
     with pytest.raises(ValueError, match="oracle_repeats sets the built-in world's oracle"):
         main(args[:-2] + ["--oracle_repeats", "count", "--out", str(tmp_path / "oracle")])
+    with pytest.raises(ValueError, match="oracle_repeats must be one of"):
+        main(args[:-2] + ["--oracle_repeats", "sometimes", "--out", str(tmp_path / "oracle")])
     assert not (tmp_path / "no_ptx_data").exists() and not (tmp_path / "oracle").exists()
     args = args[:-2] + ["--ptx_data", str(tmp_path / "sft.json"), "--out", str(tmp_path / "run")]
     main(args)

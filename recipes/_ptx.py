@@ -15,7 +15,7 @@ mean token log-likelihood, ``recipes.sft.sft_loss``), and the same term goes int
 None of the three papers has it (ANCHORS §1-3), so ``ptx_coef`` is 0 in their presets. On the world the
 recipes' preference data are descriptions only, and without it each of them lowered POPE (yes/no) F1,
 by 0.3 (CSR) to 7.3 points (RLAIF-V), on every negative sampling alike, with a lower yes-ratio: the
-description update leaks into the yes/no answers it never sees. README's results have what the term
+description update leaks into the yes/no answers it never sees. docs/RESULTS.md has what the term
 changes.
 
 Which replay examples an update sees depends only on where it is (a DPO pair's index, a PPO step and

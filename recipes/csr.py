@@ -190,7 +190,7 @@ PAPER_CSR = CSRConfig()
 #     multiple-choice and short-answer turns replayed beside each pair. Without it the description pairs
 #     pulled POPE F1 below the SFT model's at every iteration (78.09 -> 77.68 / 77.83 / 77.56, CHAIR_s
 #     21.5 / 14.5 / 14.5); with it 77.98 / 78.10 / 77.86 at CHAIR_s 22.0 / 14.0 / 14.5, recall
-#     84.6 / 84.2 / 83.0; at 3.0, 78.38 / 76.76 / 77.87 (README);
+#     84.6 / 84.2 / 83.0; at 3.0, 78.38 / 76.76 / 77.87 (docs/RESULTS.md);
 #   eval_images 1000: the world's whole test split. On 200 images CHAIR_s moves by about 2 points (one
 #     standard error) from one image set to another, as much as the margins the targets are judged by:
 #     on the Intel models (SFT CHAIR_s 22.5% on the first 200, 20.5% on all 1,000) CSR's last iteration
@@ -216,7 +216,7 @@ PRESETS = {"paper": PAPER_CSR, "world": WORLD_CSR, "micro": MICRO_CSR}
 # model of the AMD Zen 3 build, the one these settings were tuned on, names an object twice, at two places,
 # in 28% of its descriptions, and its reward CLIP barely tells places apart, so the summed R_I paid for
 # repeats: the chosen response repeated in 64% of the pairs, the rejected one in 32%, and recall fell 7.9 /
-# 19.3 / 23.9 points over the iterations (the Intel CPUs build other models: README).
+# 19.3 / 23.9 points over the iterations (the Intel CPUs build other models: docs/RESULTS.md).
 # redundant_cos 0.8 zeroes R_I for a sentence that close to an earlier one of its path (rewards/csr_scorer.py;
 # not in the paper): in that CLIP's text features 89% of the pairs of sentences about the same object are
 # that close and 0.9% of those about different objects. On those models (CHAIR_s / recall / F1, iterations

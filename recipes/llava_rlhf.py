@@ -191,14 +191,14 @@ class RLHFConfig:
 #   scratch; 1 caption as the facts (a world caption names every object of the image, where a COCO
 #   caption names a few, so one is the whole truth; 5 would not fit the world model's 512 positions);
 # - PPO: full fine-tune at lr 5e-5 (at 2e-5, CHAIR_s after 3 iterations was 15.5 with facts and 15.5
-#   without, recall 76.2 and 78.6; at 5e-5, 12.5 and 20.0, recall 65.5 and 72.7; README), rollout
+#   without, recall 76.2 and 78.6; at 5e-5, 12.5 and 20.0, recall 65.5 and 72.7; docs/RESULTS.md), rollout
 #   batches of 64 (2 minibatches of 32), 3 iterations x 6 batches; responses of at most 64 tokens
 #   (descriptions take < 50) -- the length penalty keeps the release's T_max of 896, so a token costs
 #   what it costs there; rollouts on description prompts only
 #   (symbolic_share 0): the release's yes/no rule rewards "No" on absent objects and says nothing on
 #   present ones, and on the world it drives the yes-ratio (and POPE F1) to 0 within 24 steps;
 #   --symbolic_share 0.25 puts yes/no and multiple-choice prompts back; with --symbolic_reward_yes true
-#   (a correct "Yes" scored as a correct "No") POPE F1 still fell, 78.09 -> 76.5 after 3 iterations (README);
+#   (a correct "Yes" scored as a correct "No") POPE F1 still fell, 78.09 -> 76.5 after 3 iterations (docs/RESULTS.md);
 # - KL coefficient 0.2 (the paper's 0.1): on the world models of FORMAT_VERSION 4, 0.1 lost 6.2 points
 #   of recall in 3 iterations (CHAIR_s 26.5 -> 9.5), 0.2 lost 4.8 (-> 8.5), POPE F1 -0.4 and -0.3.
 # - ptx_coef 3 (InstructGPT's PPO-ptx, not in LLaVA-RLHF; recipes/_ptx.py): 16 of the SFT data's
@@ -206,7 +206,7 @@ class RLHFConfig:
 #   77.03 / 76.76 over the 3 iterations (CHAIR_s 7.5 / 7.5 / 7.5, recall 80.8 / 84.0 / 85.0); with
 #   ptx_coef 1, 76.89 / 76.65 / 78.22 (CHAIR_s 7.5 / 7.5 / 7.0); with 3, 77.35 / 76.97 / 78.43 (CHAIR_s
 #   7.5 / 7.0 / 8.0, recall 82.2 / 82.4 / 82.4). On the whole 1,000-image test split the last
-#   iteration's F1 is 77.47 with 1 and 77.94 with 3 (SFT 77.77; seed 1: 77.09 and 77.61; README).
+#   iteration's F1 is 77.47 with 1 and 77.94 with 3 (SFT 77.77; seed 1: 77.09 and 77.61; docs/RESULTS.md).
 # - eval on the whole test split (1,000 images; CSR's preset says why).
 WORLD_RLHF = dataclasses.replace(
     RLHFConfig(),

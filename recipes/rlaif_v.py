@@ -207,7 +207,7 @@ PAPER_RLAIF_V = RLAIFVConfig()
 #   at CHAIR_s 12.5 / 6.5; with ptx_coef 1, 77.73 / 76.51 at 11.0 / 8.0; with 3, 79.07 / 77.75 at
 #   11.0 / 6.0, but recall 83.8 / 78.2 (SFT 85.6);
 # - w_sft 3: with ptx_coef 3, w_sft 1 / 2 / 3 kept recall 78.2 / 80.2 / 83.8 at iteration 2 (CHAIR_s
-#   6.0 / 8.0 / 10.0, F1 77.75 / 78.43 / 78.39); w_sft 3 without the ptx term: F1 73.87 / 74.89 (README).
+#   6.0 / 8.0 / 10.0, F1 77.75 / 78.43 / 78.39); w_sft 3 without the ptx term: F1 73.87 / 74.89 (docs/RESULTS.md).
 WORLD_RLAIF_V = dataclasses.replace(
     PAPER_RLAIF_V, iterations=2, instructions_per_iteration=512, max_new_tokens=96, collect_batch=32,
     lr=1e-4, epochs=2, global_batch_size=16, micro_batch_size=16, reference_batch=32, eval_images=1000,

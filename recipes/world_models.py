@@ -897,7 +897,7 @@ def clip_swapped(clip: CLIPModel, clip_raw_tokenizer, world: WorldConfig, n_imag
     how often CSR's clipped score is zero for the swapped one (``swapped_zeroed``). The world's SFT model makes
     up objects like the shape swaps: a shape the image lacks, in the colour of an object it has. A place swap
     names a present object at an empty cell; a CLIP that scores it above zero pays CSR for repeating a present
-    object at other places, which costs recall (README, "CSR on the float32 preset's models")."""
+    object at other places, which costs recall (docs/WORLD_BUILDS.md, "CSR on the float32 preset's models")."""
     wins, zeroed = [], []
     device = next(clip.parameters()).device
     for batch in _chunks(list(scenes("test", world, limit=n_images)), 64):

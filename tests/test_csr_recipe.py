@@ -13,6 +13,7 @@ import torch
 
 from lvlm.checkpoint import load_lvlm
 from recipes import csr
+from recipes.compare_runs import comparison_rows, read_run
 from recipes._run import METRIC_KEYS
 from recipes.world_models import WORLD_PRESETS, ensure_world_models, render_world_image
 
@@ -65,6 +66,10 @@ def test_micro_run_files_summary_and_rerun(tmp_path, micro_models, monkeypatch):
             assert 0.0 <= metrics[key] <= 1.0, key
     assert on_disk["final"] == on_disk["iterations"][-1] == json.loads((out / "iter1" / "metrics.json").read_text())
     assert on_disk["baseline"] == json.loads((out / "baseline" / "metrics.json").read_text())
+    # recipes/compare_runs.py reads the run back: one row, baseline -> the one iteration, the same figures
+    header, row = comparison_rows([read_run(out)], metrics=("chair_s",), digits=1)
+    assert row[:3] == ["run", "csr", "-"] and row[3] == (f"{100 * on_disk['baseline']['chair_s']:.1f} -> "
+                                                        f"{100 * on_disk['iterations'][0]['chair_s']:.1f}")
 
     records = read_jsonl(out / "iter1" / "pairs.jsonl")
     assert [r["key"] for r in records] == [f"{i:08d}" for i in range(4)]

@@ -111,6 +111,7 @@ from optim.distributed import barrier, get_world_size, is_main_process, setup_di
 from optim.logprobs import sequence_logprobs  # noqa: E402
 from optim.train import TrainConfig, train  # noqa: E402
 from recipes.sft import ConversationDataset, set_trainable, train_sft  # noqa: E402
+from rewards import facts_block  # noqa: E402
 
 FORMAT_VERSION = 5  # bump when the build changes in a way the config does not show
 CACHE_ENV = "LVLM_CACHE"
@@ -723,6 +724,27 @@ def _yes_no_record(scene, variant: int, question_variant: int, count: int) -> di
     """A conversation of ``count`` clean yes/no questions about ``scene`` and nothing else."""
     questions = yes_no_questions(scene, question_variant, count=count)
     return _record(scene.seed, variant, [(q.question, q.answer) for q in questions])
+
+
+def world_reading_record(scene, variant: int, count: int) -> dict:
+    """A text-only conversation about ``scene``, with no image: the first user turn gives one caption of it
+    as Fact-RLHF's evaluation turn lists its facts (``rewards.facts_block``), and ``count`` yes/no
+    questions follow, each to be answered from the caption."""
+    caption = captions(scene, 3)[variant % 3]
+    turns = [(q.question, q.answer) for q in yes_no_questions(scene, variant + 4000, count=count)]
+    turns[0] = (facts_block([caption]) + turns[0][0], turns[0][1])
+    return {"turns": turns, "image": None, "where": f"world scene {scene.seed} variant {variant}, text only"}
+
+
+def world_reading_records(c: WorldModelsConfig, n: int, count: int = 4) -> list[dict]:
+    """``n`` text-only reading conversations (``world_reading_record``, ``count`` questions each) on the
+    training scenes, with the variants after the SFT data's (other phrasings and questions): the text
+    Fact-RLHF's reward model learns to read from before it learns preferences (``recipes/llava_rlhf.py``)."""
+    records = []
+    for k in range(n):
+        seed, variant = _train_scene(c, c.sft_steps * c.sft_batch + k)
+        records.append(world_reading_record(sample_scene(seed, c.world), variant, count))
+    return records
 
 
 def world_grounding_records(c: WorldModelsConfig) -> list[dict]:

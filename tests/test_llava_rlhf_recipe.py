@@ -146,6 +146,16 @@ def test_micro_run_on_the_world_and_rerun(tmp_path):
     _check_summary(out, evaluated=True)
     pairs = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 12 and all(len(r["responses"]) == 2 for r in pairs)
+    # the reward model started from the reader: the SFT model with its decoder (only) trained on text
+    from safetensors.torch import load_file
+
+    from recipes.world_models import WORLD_PRESETS, ensure_world_models
+
+    sft = load_file(ensure_world_models(WORLD_PRESETS["micro"], verbose=False).sft / "model.safetensors")
+    reader = load_file(out / "reader" / "model.safetensors")
+    assert sft.keys() == reader.keys()
+    changed = {k for k in sft if not torch.equal(sft[k], reader[k])}
+    assert changed and all("language_model" in k for k in changed), sorted(changed)[:5]
     # a rerun finds everything done and gives the same result
     again = main(["--preset", "micro", "--threads", "1", "--out", str(out)])
     assert again["final"] == summary["final"] and again["reward_model"] == summary["reward_model"]
@@ -186,9 +196,16 @@ def test_micro_run_on_user_files(tmp_path):
     (tmp_path / "sft.json").write_text(json.dumps([{"image": f"img{k}.png", "conversations": [
         {"from": "human", "value": "<image>\nIs there a star in the image?"}, {"from": "gpt", "value": "No"}]}
         for k in range(3)]))
-    args = ["--preset", "micro", "--threads", "1", "--model", str(sft), "--data", str(tmp_path / "prompts.jsonl"), "--images",
-            str(images), "--preferences", str(tmp_path / "prefs.json"), "--captions", str(tmp_path / "captions.json"),
-            "--out", str(tmp_path / "run")]
+    args = ["--preset", "micro", "--threads", "1", "--model", str(sft), "--data", str(tmp_path / "prompts.jsonl"),
+            "--images", str(images), "--preferences", str(tmp_path / "prefs.json"), "--captions",
+            str(tmp_path / "captions.json"), "--out", str(tmp_path / "run")]
+    # the micro preset's reward model reads the world's captions first: not possible on the user's data
+    with pytest.raises(ValueError, match="rm_reading_steps trains on the built-in world's captions"):
+        main(args[:-2] + ["--out", str(tmp_path / "reading")])
+    with pytest.raises(ValueError, match="rm_reading_steps must be >= 0"):
+        main(args[:-2] + ["--rm_reading_steps", "-1", "--out", str(tmp_path / "reading")])
+    assert not (tmp_path / "reading").exists()
+    args = args[:-2] + ["--rm_reading_steps", "0", "--out", str(tmp_path / "run")]
     with pytest.raises(ValueError, match="needs --ptx_data"):
         main(args[:-2] + ["--out", str(tmp_path / "no_ptx_data")])
     with pytest.raises(ValueError, match="oracle_repeats sets the built-in world's oracle"):

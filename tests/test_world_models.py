@@ -427,6 +427,34 @@ def test_sft_mixture_has_the_set_share_of_question_only_conversations(share):
     assert question_only / len(records) == pytest.approx(share, abs=0.05)
 
 
+def test_reading_conversations_are_text_only_and_answered_by_their_caption():
+    """Fact-RLHF's reader data (``world_reading_records``): a caption listed as the reward prompt lists its
+    facts, no image, and yes/no questions whose "Yes" answers name only what the caption names."""
+    from lvlm.world import find_mentions
+    from rewards import FACTS_HEADER
+
+    c = wm.WORLD_PRESETS["default"]
+    records = wm.world_reading_records(c, 120)
+    assert len(records) == 120 and len({r["turns"][0][0] for r in records}) == 120
+    vocabulary = RawTokenizer.from_str(wm.world_tokenizer_json(c))
+    absent_asked = 0
+    for record in records:
+        first = record["turns"][0][0]
+        assert record["image"] is None and len(record["turns"]) == 4 and first.startswith(FACTS_HEADER + "  - ")
+        assert 0 not in vocabulary.encode(first).ids, f"a word of {first!r} is not in the world's vocabulary"
+        caption, question = first[len(FACTS_HEADER) + 4:].split("\n")
+        scene = sample_scene(int(record["where"].split()[2]), c.world)
+        assert scene.split == "train" and caption in captions(scene, 3)  # a caption of the scene asked about
+        named = set(find_mentions(caption))
+        assert named == set(scene.shapes)
+        for q, answer in [(question, record["turns"][0][1])] + record["turns"][1:]:
+            assert answer in ("Yes", "No") and "<image>" not in q
+            if answer == "Yes":
+                assert set(find_mentions(q)) <= named, (caption, q)
+            absent_asked += not set(find_mentions(q)) <= named
+    assert absent_asked > 0  # some questions name a shape the caption does not (answered "No")
+
+
 def test_question_error_names_what_makes_a_question_false():
     from lvlm.world import scenes, world_rng, yes_no_question
     seen = set()

@@ -121,9 +121,9 @@ class RLHFConfig:
     pair_temperature: float = 1.0
     # world: what the oracle annotator makes of a repeated mention of an object (``lvlm.world.oracle_prefers``;
     # not in the paper, whose annotators judge hallucination, then helpfulness): "ignore", "tie_break" (fewer
-    # wins a tie) or "count" (a hallucinated object). On the Intel float32 models (seed 0, iteration 3; "ignore":
-    # CHAIR_s 13.6, recall -3.0 points) "count" gave 9.8, -9.7 (seed 1: 7.7, -17.3) and "tie_break" 13.3, -6.5
-    # (docs/WORLD_BUILDS.md)
+    # wins a tie) or "count" (a hallucinated object). On the Intel float32 models (pairs from 1,000 images,
+    # seed 0, iteration 3; "ignore": CHAIR_s 13.6, recall -3.0 points) "count" gave 9.8, -9.7 (seed 1: 7.7,
+    # -17.3) and "tie_break" 13.3, -6.5 (docs/WORLD_BUILDS.md)
     oracle_repeats: str = "ignore"
     # 3. reward model
     use_facts: bool = True  # Fact-RLHF; --no-facts sets False (standard RLHF)
@@ -139,10 +139,11 @@ class RLHFConfig:
     # world: the reward model starts from the SFT model trained this many more steps (batch 32, at
     # rm_reading_lr) on text-only conversations that ask about a caption (``reading_model``; not in the
     # paper, whose SFT model is built on Vicuna and reads text already); 0 = from the SFT model itself.
-    # On the Intel float32 models 300 steps made the reward models more accurate (seed 0's held-out pairs:
-    # 82.1% with facts, 77.5% without, against 71.9% and 70.2%) but did not lower CHAIR_s after PPO
-    # (14.2 and 13.2 in seeds 0 and 1, against 13.6 and 13.4; recall -1.1 and -1.9 points, against -3.0
-    # and -4.7), and RLHF without facts still ended lower (12.0 and 13.0); docs/WORLD_BUILDS.md
+    # On the Intel float32 models, with pairs from 1,000 images, 300 steps made the reward models more
+    # accurate (seed 0's held-out pairs: 82.1% with facts, 77.5% without, against 71.9% and 70.2%) but did
+    # not lower CHAIR_s after PPO (14.2 and 13.2 in seeds 0 and 1, against 13.6 and 13.4; recall -1.1 and
+    # -1.9 points, against -3.0 and -4.7), and RLHF without facts ended lower still (12.0 and 13.0);
+    # docs/WORLD_BUILDS.md
     rm_reading_steps: int = 0
     rm_reading_lr: float = 5e-4
     # 4. PPO
@@ -193,10 +194,13 @@ class RLHFConfig:
 
 
 # The built-in world's preset. What differs from the paper, and why:
-# - pairs: 4 samples per image, up to 3 oracle pairs from each, on 1,000 training images (about 2,700
-#   pairs; the paper has 10k human pairs of 2 samples): what 2 CPU cores label and learn from in
-#   minutes. One pair per image (about 900) gave reward models of 65.9% (facts) and 57.1% (none) on
-#   held-out pairs, three 70.7% and 71.1%;
+# - pairs: 4 samples per image, up to 3 oracle pairs from each, on 3,000 training images (about 8,500
+#   pairs; the paper has 10k human pairs of 2 samples). One pair per image (about 900) gave reward models
+#   of 65.9% (facts) and 57.1% (none) on held-out pairs, three 70.7% and 71.1%. On the Intel float32
+#   models 1,000 images (~2,850 pairs, the preset until 2026-12-08; ~240 s a run against ~580 s) left
+#   Fact-RLHF no better than RLHF without facts (CHAIR_s 13.6 against 13.4 after 3 iterations, seed 0);
+#   with 3,000 it ends lower in both seeds tried (10.7 against 12.5, 11.8 against 12.3), and nearer the
+#   CHAIR_s target (docs/WORLD_BUILDS.md);
 # - reward model: full fine-tune of the tiny language model (LoRA r 64 would be as wide as its layers),
 #   lr 5e-4, batch 16, 2 epochs: the paper's 2e-5 barely moves a 1M-parameter model trained from
 #   scratch; 1 caption as the facts (a world caption names every object of the image, where a COCO
@@ -221,7 +225,7 @@ class RLHFConfig:
 # - eval on the whole test split (1,000 images; CSR's preset says why).
 WORLD_RLHF = dataclasses.replace(
     RLHFConfig(),
-    pair_prompts=1000, samples_per_prompt=4, pairs_per_prompt=3,
+    pair_prompts=3000, samples_per_prompt=4, pairs_per_prompt=3,
     n_captions=1, rm_lora_r=0, rm_lr=5e-4, rm_epochs=2, rm_batch=16, rm_micro_batch=16, rm_eval_share=0.1,
     ppo_iterations=3, rollouts_per_iteration=6, rollout_batch=64, step_batch=32, ppo_lr=5e-5, warmup_steps=2,
     policy_lora_r=0, max_new_tokens=64, symbolic_share=0.0, ppo_prompts=4000, micro_batch=16, kl_coef=0.2,
@@ -810,10 +814,10 @@ def reading_model(sources: Sources, tokenizer: Tokenizer, out: Path, config: RLH
 
     LLaVA-RLHF's reward model starts from its SFT model, whose decoder is Vicuna: a model that has read
     much text before it saw an image, so the captions in the evaluation turn (the facts) are something
-    it can read. The world's decoder has read only what an image showed: on the Intel float32 models its
-    reward model scored 71.9% of held-out pairs with the facts and 70.2% without; started from this
-    model (300 steps), 82.1% and 77.5% (``rm_reading_steps`` gives what PPO made of them). Not in the
-    paper; the world's stand-in for Vicuna's reading.
+    it can read. The world's decoder has read only what an image showed: on the Intel float32 models
+    (pairs from 1,000 images) its reward model scored 71.9% of held-out pairs with the facts and 70.2%
+    without; started from this model (300 steps), 82.1% and 77.5% (``rm_reading_steps`` gives what PPO
+    made of them). Not in the paper; the world's stand-in for Vicuna's reading.
     """
     directory = out / "reader"
     if model_done(directory):

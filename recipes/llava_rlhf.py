@@ -197,7 +197,7 @@ class RLHFConfig:
 # - pairs: 4 samples per image, up to 3 oracle pairs from each, on 3,000 training images (about 8,500
 #   pairs; the paper has 10k human pairs of 2 samples). One pair per image (about 900) gave reward models
 #   of 65.9% (facts) and 57.1% (none) on held-out pairs, three 70.7% and 71.1%. On the Intel float32
-#   models 1,000 images (~2,850 pairs, the preset until 2026-12-08; ~240 s a run against ~580 s) left
+#   models 1,000 images (~2,850 pairs, the preset until 2026-12-08; ~240 s a run against 500-590 s) left
 #   Fact-RLHF no better than RLHF without facts (CHAIR_s 13.6 against 13.4 after 3 iterations, seed 0);
 #   with 3,000 it ends lower in both seeds tried (10.7 against 12.5, 11.8 against 12.3), and nearer the
 #   CHAIR_s target (docs/WORLD_BUILDS.md);

@@ -199,8 +199,8 @@ class RLHFConfig:
 #   of 65.9% (facts) and 57.1% (none) on held-out pairs, three 70.7% and 71.1%. On the Intel float32
 #   models 1,000 images (~2,850 pairs, the preset until 2026-12-08; ~240 s a run against 500-590 s) left
 #   Fact-RLHF no better than RLHF without facts (CHAIR_s 13.6 against 13.4 after 3 iterations, seed 0);
-#   with 3,000 it ends lower in both seeds tried (10.7 against 12.5, 11.8 against 12.3), and nearer the
-#   CHAIR_s target (docs/WORLD_BUILDS.md);
+#   with 3,000 it ends lower in two seeds of three (10.7 against 12.5, 11.8 against 12.3; seed 2: 11.1
+#   against 10.8), and nearer the CHAIR_s target in all three (docs/WORLD_BUILDS.md);
 # - reward model: full fine-tune of the tiny language model (LoRA r 64 would be as wide as its layers),
 #   lr 5e-4, batch 16, 2 epochs: the paper's 2e-5 barely moves a 1M-parameter model trained from
 #   scratch; 1 caption as the facts (a world caption names every object of the image, where a COCO

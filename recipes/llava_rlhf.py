@@ -831,9 +831,10 @@ def reading_model(sources: Sources, tokenizer: Tokenizer, out: Path, config: RLH
     set_trainable(model, vision=False, projector=False, language_model=True)
     world = get_world_size()
     micro = max(1, min(16, READING_BATCH // world))
-    log(f"[reader] {len(dataset)} text-only conversations, {config.rm_reading_steps} steps x {READING_BATCH}")
+    batch = max(1, READING_BATCH // (micro * world)) * micro * world  # 30 on 3 ranks: a multiple of micro x ranks
+    log(f"[reader] {len(dataset)} text-only conversations, {config.rm_reading_steps} steps x {batch}")
     train_sft(model, dataset, TrainConfig(out_dir=str(directory / "train"), lr=config.rm_reading_lr,
-                                          max_steps=config.rm_reading_steps, global_batch_size=READING_BATCH,
+                                          max_steps=config.rm_reading_steps, global_batch_size=batch,
                                           micro_batch_size=micro, group_by_length=True, warmup_ratio=0.03,
                                           weight_decay=0.0, grad_clip=1.0, seed=config.seed, log_every=15.0),
               share_prefix=True)

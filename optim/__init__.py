@@ -7,4 +7,5 @@ from .lora import LoRALinear, apply_lora, load_lora, lora_state_dict, merge_lora
 from .ppo import (KL_KINDS, gae, kl_estimate, masked_entropy, masked_mean, ppo_policy_loss, ppo_policy_stats,
                   ppo_value_loss, shape_rewards, whiten)
 from .reward_loss import reward_accuracy, reward_model_loss
-from .train import NonFiniteLossError, TrainConfig, TrainResult, latest_checkpoint, load_trainable, lr_at, train
+from .train import (NonFiniteLossError, TrainConfig, TrainResult, batch_for_ranks, latest_checkpoint, load_trainable,
+                    lr_at, train)

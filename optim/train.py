@@ -91,6 +91,18 @@ class TrainConfig:
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
 
 
+def batch_for_ranks(batch: int, micro: int, world: int) -> tuple[int, int]:
+    """(global batch, micro-batch) near ``batch`` and ``micro`` that ``world`` ranks can split.
+
+    The micro-batch is capped at ``batch // world`` (at least 1); the global batch is rounded down to a
+    multiple of micro-batch x ranks, and is at least one micro-batch per rank. For recipes whose batch is
+    an internal choice, not the user's: 32 with micro-batches of 16 gives (32, 16) on 1 or 2 ranks and
+    (30, 10) on 3.
+    """
+    micro = max(1, min(micro, batch // world))
+    return max(1, batch // (micro * world)) * micro * world, micro
+
+
 @dataclass
 class TrainResult:
     step: int  # optimizer steps done

@@ -79,7 +79,7 @@ from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt, pad_batch  # 
 from optim import apply_lora, merge_lora, reward_accuracy, reward_model_loss  # noqa: E402
 from optim.lora import lora_modules  # noqa: E402
 from optim.distributed import barrier, get_rank, get_world_size, is_main_process, setup_distributed  # noqa: E402
-from optim.train import TrainConfig, lr_at, train  # noqa: E402
+from optim.train import TrainConfig, batch_for_ranks, lr_at, train  # noqa: E402
 from recipes._common import (add_config_arguments, config_from_args, config_to_dict, format_seconds,  # noqa: E402
                              print_config, set_cpu_threads)
 from recipes._ppo import make_rollout, ppo_update, rewards_and_advantages, rollout_stats  # noqa: E402
@@ -829,9 +829,7 @@ def reading_model(sources: Sources, tokenizer: Tokenizer, out: Path, config: RLH
                                   image_tokens_per_image=model.config.image_tokens_per_image,
                                   max_length=model.config.text_config.max_position_embeddings, keep_encoded=True)
     set_trainable(model, vision=False, projector=False, language_model=True)
-    world = get_world_size()
-    micro = max(1, min(16, READING_BATCH // world))
-    batch = max(1, READING_BATCH // (micro * world)) * micro * world  # 30 on 3 ranks: a multiple of micro x ranks
+    batch, micro = batch_for_ranks(READING_BATCH, 16, get_world_size())  # (30, 10) on 3 ranks
     log(f"[reader] {len(dataset)} text-only conversations, {config.rm_reading_steps} steps x {batch}")
     train_sft(model, dataset, TrainConfig(out_dir=str(directory / "train"), lr=config.rm_reading_lr,
                                           max_steps=config.rm_reading_steps, global_batch_size=batch,
@@ -867,9 +865,7 @@ def train_reward_model(start_dir: Path, tokenizer: Tokenizer, pairs: list[dict],
     log(f"[reward model] {len(train_set)} training and {len(held_set)} held-out pairs, "
         f"{'with' if config.use_facts else 'without'} facts, {n_trainable:,} trainable parameters "
         f"({'LoRA r ' + str(config.rm_lora_r) if config.rm_lora_r else 'full'})")
-    world = get_world_size()
-    micro = max(1, min(config.rm_micro_batch, config.rm_batch // world, len(train_set) // world))
-    batch = max(1, min(config.rm_batch, len(train_set)) // (micro * world)) * micro * world
+    batch, micro = batch_for_ranks(min(config.rm_batch, len(train_set)), config.rm_micro_batch, get_world_size())
     train_config = TrainConfig(out_dir=str(directory / "train"), lr=config.rm_lr, epochs=config.rm_epochs,
                                global_batch_size=batch, micro_batch_size=micro, warmup_ratio=0.03,
                                weight_decay=0.0, grad_clip=1.0, seed=config.seed, log_every=15.0)

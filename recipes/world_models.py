@@ -109,7 +109,7 @@ from lvlm.world.tokenizer import BOS_ID, IMAGE_ID, PAD_ID, make_world_tokenizer 
 from lvlm.world.vocab import SHAPE_SYNONYMS  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.logprobs import sequence_logprobs  # noqa: E402
-from optim.train import TrainConfig, train  # noqa: E402
+from optim.train import TrainConfig, batch_for_ranks, train  # noqa: E402
 from recipes.sft import ConversationDataset, set_trainable, train_sft  # noqa: E402
 from rewards import facts_block  # noqa: E402
 
@@ -1179,8 +1179,10 @@ def _log(verbose: bool, *parts) -> None:
 
 def _train_config(c: WorldModelsConfig, out_dir: Path, *, steps: int, batch: int, lr: float, verbose: bool,
                   micro_batch: int | None = None, bf16: bool = False, group_by_length: bool = False) -> TrainConfig:
-    return TrainConfig(out_dir=str(out_dir), lr=lr, max_steps=steps, global_batch_size=batch,
-                       micro_batch_size=micro_batch or min(c.micro_batch, max(1, batch // get_world_size())),
+    """The ``optim`` loop's settings for a world stage: ``batch`` examples a step in micro-batches of
+    ``micro_batch`` (default ``c.micro_batch``), both lowered where the ranks cannot split them."""
+    batch, micro = batch_for_ranks(batch, micro_batch or c.micro_batch, get_world_size())
+    return TrainConfig(out_dir=str(out_dir), lr=lr, max_steps=steps, global_batch_size=batch, micro_batch_size=micro,
                        group_by_length=group_by_length, warmup_ratio=c.warmup_ratio,
                        weight_decay=0.0, cpu_bf16=bf16,
                        grad_clip=1.0, save_every=c.save_every, seed=c.seed,
@@ -1342,7 +1344,7 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
                                 sign_positive_share=cc.clip_sign_positive_share,
                                 text_length_groups=cc.clip_text_length_groups),
               _train_config(cc, root / "train" / name, steps=cc.clip_steps, batch=cc.clip_batch, lr=cc.clip_lr,
-                            verbose=verbose, micro_batch=cc.clip_contrast_pairs or cc.clip_batch // get_world_size()),
+                            verbose=verbose, micro_batch=cc.clip_contrast_pairs or cc.clip_batch),  # each rank contrasts its share
               collate_fn=pairs.collate)
         model.requires_grad_(False)
         model.eval()

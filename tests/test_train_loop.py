@@ -17,6 +17,7 @@ from _train_script import distributed_config, make_dataset, make_model, sft_loss
 from optim.train import (  # noqa: E402
     NonFiniteLossError,
     TrainConfig,
+    batch_for_ranks,
     global_batch_indices,
     list_checkpoints,
     lr_at,
@@ -145,6 +146,21 @@ def test_nan_stops_the_run_and_the_last_checkpoint_loads(tmp_path):
     # ...and the run resumes from it.
     result = train(make_model(lora=True), make_dataset(), sft_loss, config)
     assert result.step == 8 and math.isfinite(result.metrics["loss"])
+
+
+def test_batch_for_ranks_by_hand_and_always_splits():
+    assert batch_for_ranks(32, 16, 1) == (32, 16)
+    assert batch_for_ranks(32, 16, 2) == (32, 16)
+    assert batch_for_ranks(32, 16, 3) == (30, 10)  # micro-batch 32 // 3 = 10, 3 x 10 = 30
+    assert batch_for_ranks(32, 16, 5) == (30, 6)
+    assert batch_for_ranks(128, 128, 3) == (126, 42)
+    assert batch_for_ranks(2, 16, 4) == (4, 1)  # at least one example per rank
+    for batch in range(1, 70):
+        for micro in range(1, 20):
+            for world in range(1, 9):
+                g, m = batch_for_ranks(batch, micro, world)
+                assert 1 <= m <= micro and g % (m * world) == 0 and g >= m * world
+                assert g <= max(batch, world)  # lowered, never raised, except to give each rank one example
 
 
 def test_bad_configs_raise_clear_errors(tmp_path):

@@ -244,6 +244,23 @@ def test_a_build_under_torchrun_trains_as_one_process_does(tmp_path):
     assert share_close(load_file(whole / "clip" / "model.safetensors"), two_processes) < 0.9
 
 
+@pytest.mark.parametrize("preset", ["float32", "micro"])
+def test_every_stage_splits_its_batch_over_any_number_of_ranks(preset, monkeypatch, tmp_path):
+    """1 or 2 ranks keep each stage's batch and micro-batch (the cached models' settings); 3 to 6 ranks get
+    a batch the training loop accepts (32 over 3 ranks used to fail at the first LVLM stage)."""
+    c = wm.world_preset(preset)
+    stages = {"clip": (c.clip_batch, c.clip_contrast_pairs or c.clip_batch), "grounded": (c.ground_batch, None),
+              "aligned": (c.align_batch, None), "sft": (c.sft_batch, None), "labeler": (c.labeler_batch, None)}
+    for world in range(1, 7):
+        monkeypatch.setattr(wm, "get_world_size", lambda: world)
+        for name, (batch, micro) in stages.items():
+            t = wm._train_config(c, tmp_path, steps=1, batch=batch, lr=1e-3, verbose=False, micro_batch=micro)
+            assert t.global_batch_size % (t.micro_batch_size * world) == 0, (name, world)
+            if world <= 2:
+                expected_micro = micro // world if micro else min(c.micro_batch, batch // world)
+                assert (t.global_batch_size, t.micro_batch_size) == (batch, expected_micro), (name, world)
+
+
 def share_close(a: dict, b: dict) -> float:
     """The share of the weights of state dict ``b`` that ``a`` matches (rtol 1e-4, atol 1e-5)."""
     close = sum(int(torch.isclose(a[k], v, rtol=1e-4, atol=1e-5).sum()) for k, v in b.items())

@@ -1344,7 +1344,7 @@ def _build(c: WorldModelsConfig, root: Path, verbose: bool, threads: int | None)
                                 sign_positive_share=cc.clip_sign_positive_share,
                                 text_length_groups=cc.clip_text_length_groups),
               _train_config(cc, root / "train" / name, steps=cc.clip_steps, batch=cc.clip_batch, lr=cc.clip_lr,
-                            verbose=verbose, micro_batch=cc.clip_contrast_pairs or cc.clip_batch),  # each rank contrasts its share
+                            verbose=verbose, micro_batch=cc.clip_contrast_pairs or cc.clip_batch),  # a rank's share
               collate_fn=pairs.collate)
         model.requires_grad_(False)
         model.eval()

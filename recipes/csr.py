@@ -619,6 +619,7 @@ def main(argv=None) -> dict:
         print_config(config, "csr")
 
     # inputs, checked before anything is computed; the run directory (a different config is refused)
+    dpo_batch_size(config, config.global_batch_size, get_world_size())  # the DPO batch fits the ranks
     inputs = resolve_inputs(config)
     out = open_run(config.out, RECIPE, config_to_dict(config), models={"policy": inputs.model, "clip": inputs.clip})
     tokenizer = Tokenizer.from_file(inputs.model)

@@ -101,6 +101,16 @@ def test_micro_run_files_summary_and_rerun(tmp_path, micro_models, monkeypatch):
         csr.main(["--preset", "micro", "--out", str(out), "--lam", "0"])
 
 
+def test_a_batch_the_ranks_cannot_split_is_refused_before_any_search(tmp_path, micro_models, monkeypatch):
+    """The micro preset's DPO batch (2, micro-batches of 1) over 3 ranks: refused before the run directory or
+    the first beam search, not after a whole collection (as it was)."""
+    monkeypatch.setattr(csr, "get_world_size", lambda: 3)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="global_batch_size 2 is not a multiple of --micro_batch_size 1 x 3"):
+        csr.main(["--preset", "micro", "--out", str(out)])
+    assert not out.exists()
+
+
 def test_rank_mix_pairs_are_chosen_by_path_average(tmp_path, micro_models):
     """--normalize rank: each sentence's R is its negated rank mix (in [-1, 0)), and a response's reward is the
     released code's path average, sum of ranks / (sentences + 1), negated -- not the sum, which would always

@@ -29,6 +29,18 @@ from optim import apply_lora, dpo_with_sft_loss, merge_lora, preference_metrics,
 from optim.train import TrainConfig, train
 
 
+def check_batch_splits(global_batch: int, micro: int, world: int) -> None:
+    """Refuse a global batch that ``world`` ranks cannot cut into micro-batches of ``micro``, naming a
+    flag value that would work (run before any collection, so the mistake costs seconds, not hours)."""
+    if global_batch % (micro * world) == 0:
+        return
+    fits = [m for m in range(micro, 0, -1) if global_batch % (m * world) == 0]
+    hint = (f"--micro_batch_size {fits[0]}" if fits else
+            f"--global_batch_size {max(1, global_batch // (micro * world)) * micro * world}")
+    raise ValueError(f"--global_batch_size {global_batch} is not a multiple of --micro_batch_size {micro} x "
+                     f"{world} rank(s); e.g. {hint}")
+
+
 class PreferencePairs:
     """Pair records -> examples: the chosen and the rejected conversation, each encoded with its
     assistant mask, and the image (``[1, 3, H, W]``, or None for a text-only pair); with ``replay``, an

@@ -74,7 +74,8 @@ from optim.distributed import barrier, get_world_size, is_main_process, setup_di
 from optim.train import TrainConfig  # noqa: E402
 from recipes._common import (Progress, add_config_arguments, config_from_args, config_to_dict,  # noqa: E402
                              print_config, set_cpu_threads, threads_per_process)
-from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
+from recipes._dpo import (LoraSettings, PreferencePairs, add_reference_logps, check_batch_splits,  # noqa: E402
+                          train_dpo)
 from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
 from rewards.calibrated import rank_path_score  # noqa: E402
@@ -506,10 +507,8 @@ def pair_collector(model, tokenizer: Tokenizer, clip, clip_tokenize, load_image:
 def dpo_batch_size(config: CSRConfig, n_pairs: int, world_size: int) -> int:
     """The global batch: ``config.global_batch_size``, lowered (to a multiple of micro x ranks) when there
     are fewer pairs than that, so a small run still makes one step."""
+    check_batch_splits(config.global_batch_size, config.micro_batch_size, world_size)
     unit = config.micro_batch_size * world_size
-    if config.global_batch_size % unit:
-        raise ValueError(f"--global_batch_size {config.global_batch_size} is not a multiple of --micro_batch_size "
-                         f"{config.micro_batch_size} x {world_size} rank(s)")
     if n_pairs < unit:
         raise ValueError(f"only {n_pairs} preference pair(s), fewer than one micro-batch per rank ({unit}); "
                          "use more prompts (--n_prompts)")

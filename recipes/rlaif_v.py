@@ -88,7 +88,8 @@ from lvlm.records import read_located_records, write_json_atomic  # noqa: E402
 from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
-from recipes._dpo import LoraSettings, PreferencePairs, add_reference_logps, train_dpo  # noqa: E402
+from recipes._dpo import (LoraSettings, PreferencePairs, add_reference_logps, check_batch_splits,  # noqa: E402
+                          train_dpo)
 from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import (collect, format_changes, format_table, mark_done, model_done, open_run,  # noqa: E402
                           write_summary)
@@ -538,10 +539,8 @@ def best_of_n_generate_fn(policy, reference, tokenizer: Tokenizer, dataset, *, n
 def dpo_batch_size(config: RLAIFVConfig, n_pairs: int, world_size: int) -> int:
     """The global batch: ``config.global_batch_size``, lowered to a multiple of micro-batch x ranks when
     there are fewer pairs than that (so a small run still steps); 0 when not even one micro-batch per rank."""
+    check_batch_splits(config.global_batch_size, config.micro_batch_size, world_size)
     unit = config.micro_batch_size * world_size
-    if config.global_batch_size % unit:
-        raise ValueError(f"--global_batch_size {config.global_batch_size} is not a multiple of --micro_batch_size "
-                         f"{config.micro_batch_size} x {world_size} rank(s)")
     return min(config.global_batch_size, n_pairs // unit * unit)
 
 

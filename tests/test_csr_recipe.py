@@ -106,7 +106,7 @@ def test_a_batch_the_ranks_cannot_split_is_refused_before_any_search(tmp_path, m
     the first beam search, not after a whole collection (as it was)."""
     monkeypatch.setattr(csr, "get_world_size", lambda: 3)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="global_batch_size 2 is not a multiple of --micro_batch_size 1 x 3"):
+    with pytest.raises(ValueError, match="global_batch_size 2 is not a multiple of --micro_batch_size 1 x 3 rank"):
         csr.main(["--preset", "micro", "--out", str(out)])
     assert not out.exists()
 

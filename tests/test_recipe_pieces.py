@@ -7,7 +7,8 @@ import torch
 
 from lvlm.llava import LlavaForConditionalGeneration
 from optim.train import TrainConfig
-from recipes._dpo import PreferencePairs, add_reference_logps, collate_pairs, dpo_loss_fn, response_logps, train_dpo
+from recipes._dpo import (PreferencePairs, add_reference_logps, check_batch_splits, collate_pairs, dpo_loss_fn,
+                          response_logps, train_dpo)
 from recipes._run import collect, format_changes, format_table, open_run, write_summary
 from tests.tiny_tokenizer import tiny_llava_config, tiny_tokenizer
 
@@ -163,3 +164,14 @@ def test_bench_world_step_times_the_clip_variants():
     ms = bench_world_step.clip_step_ms(c, steps=1)
     assert set(ms) == set(bench_world_step.CLIP_VARIANTS) and all(v > 0 for v in ms.values())
     assert lvlm.clip.SHORT_SEQUENCE == 32  # restored after the fused-attention rounds
+
+
+def test_a_batch_the_ranks_cannot_split_is_refused_with_a_flag_that_would():
+    check_batch_splits(16, 8, 2)  # 16 = 2 ranks x 1 step x 8: fine
+    with pytest.raises(ValueError, match=r"16 is not a multiple of --micro_batch_size 8 x 4 rank\(s\); "
+                                         r"e.g. --micro_batch_size 4"):
+        check_batch_splits(16, 8, 4)
+    with pytest.raises(ValueError, match=r"e.g. --micro_batch_size 2$"):
+        check_batch_splits(16, 3, 4)  # the largest micro-batch below 3 that splits 16 over 4 ranks
+    with pytest.raises(ValueError, match=r"e.g. --global_batch_size 3$"):
+        check_batch_splits(2, 1, 3)  # no micro-batch splits 2 over 3 ranks: the batch must change

@@ -600,6 +600,10 @@ def parse_config(argv=None) -> tuple[CSRConfig, argparse.Namespace]:
         world = resolve_world_preset(given.world_preset)
         defaults = dataclasses.replace(defaults, **WORLD_CSR_ON.get(world, {}))
     config = config_from_args(args, defaults)
+    real_only = ("clip", "data", "images", "ptx_data", "eval_annotations", "eval_image_dir", "eval_synonyms")
+    given_real = [f"--{name}" for name in real_only if getattr(config, name) is not None]
+    if config.model is None and given_real:
+        parser.error(f"{' / '.join(given_real)} need --model (without it, the built-in world runs)")
     if config.normalize not in ("none", "rank"):
         parser.error(f"--normalize must be none or rank, got {config.normalize!r}")
     if not 0.0 <= config.lam <= 1.0:

@@ -5,7 +5,7 @@
     python recipes/llava_rlhf.py --preset micro          # seconds; what the CI test runs
     torchrun --nproc_per_node 8 recipes/llava_rlhf.py --model SFT_DIR --data ppo_prompts.jsonl \\
         --images coco/train2017 --preferences llava_7b_v1_preference.json --captions image_to_caption.json \\
-        --eval_annotations instances_val2014.json --eval_image_folder coco/val2014
+        --eval_annotations instances_val2014.json --eval_image_dir coco/val2014
 
 The algorithm (``main``), as the paper and its released code do it (ANCHORS §3):
 
@@ -189,7 +189,7 @@ class RLHFConfig:
     eval_images: int = 200
     eval_batch: int = 64
     eval_annotations: str | None = None  # real data: a COCO instances file for CHAIR / POPE
-    eval_image_folder: str | None = None
+    eval_image_dir: str | None = None
     eval_synonyms: str | None = None
 
 
@@ -546,9 +546,9 @@ def real_sources(config: RLHFConfig) -> Sources:
     if config.eval_annotations is not None:
         from recipes.evaluate import coco_eval_set
 
-        if config.eval_image_folder is None:
-            raise ValueError("--eval_annotations needs --eval_image_folder (the images it names)")
-        eval_set = coco_eval_set(config.eval_annotations, config.eval_image_folder, config.eval_synonyms,
+        if config.eval_image_dir is None:
+            raise ValueError("--eval_annotations needs --eval_image_dir (the images it names)")
+        eval_set = coco_eval_set(config.eval_annotations, config.eval_image_dir, config.eval_synonyms,
                                  n_images=config.eval_images, seed=config.seed)
     replay = load_llava_conversations(config.ptx_data, config.images) if config.ptx_coef > 0 else None
     return Sources(sft_dir=sft_dir, load_image=load_image, pair_items=None, preference_records=pairs,
@@ -613,7 +613,7 @@ def evaluate_stage(model, tokenizer: Tokenizer, sources: Sources, directory: Pat
     """``recipes.evaluate`` on the held-out set (rank 0), cached in ``directory/metrics.json``."""
     path = directory / "metrics.json"
     if sources.eval_set is None:
-        log(f"[{what}] no evaluation set (give --eval_annotations and --eval_image_folder): not evaluated")
+        log(f"[{what}] no evaluation set (give --eval_annotations and --eval_image_dir): not evaluated")
         return {}
     if not path.is_file() and is_main_process():
         from recipes.evaluate import evaluate
@@ -1104,9 +1104,12 @@ def parse_config(argv=None) -> tuple[RLHFConfig, str]:
         config = dataclasses.replace(config, use_facts=False)
     if config.out is None:
         config = dataclasses.replace(config, out=default_out(config, preset))
-    if config.data is None and (config.preferences or config.images or config.captions):
-        parser.error("--preferences / --images / --captions go with --data (real data); without --data the "
-                     "built-in world is used")
+    real_only = ("preferences", "images", "captions", "ptx_data", "eval_annotations", "eval_image_dir",
+                 "eval_synonyms")
+    given_real = [f"--{name}" for name in real_only if getattr(config, name) is not None]
+    if config.data is None and given_real:
+        parser.error(f"{' / '.join(given_real)} go with --data (real data); without --data the built-in world "
+                     "is used")
     return config, preset
 
 

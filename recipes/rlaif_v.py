@@ -578,14 +578,15 @@ def resolve_config(argv=None) -> tuple[RLAIFVConfig, str]:
     real = config.model is not None
     if real and config.data is None:
         parser.error("a real run needs --data (and --images) beside --model")
-    if not real and (config.data is not None or config.labeler is not None or config.splitter is not None):
-        parser.error("--data / --labeler / --splitter need --model (without it, the built-in world runs)")
+    real_only = ("data", "images", "labeler", "splitter", "ptx_data", "eval_annotations", "eval_image_dir",
+                 "eval_synonyms")
+    given_real = [f"--{name}" for name in real_only if getattr(config, name) is not None]
+    if not real and given_real:
+        parser.error(f"{' / '.join(given_real)} need --model (without it, the built-in world runs)")
     if real and config.yes_no_share > 0:
         parser.error("--yes_no_share makes world instructions; on a real run put the questions in --data")
     if real and config.reject_repeats:
         parser.error("--reject_repeats reads the world's object vocabulary; it is for the built-in world only")
-    if not real and config.ptx_data is not None:
-        parser.error("--ptx_data needs --model (the built-in world replays its own SFT data)")
     if real and config.ptx_coef > 0 and config.ptx_data is None:
         parser.error("--ptx_coef > 0 on a real run needs --ptx_data (SFT conversations, LLaVA's JSON)")
     if config.ptx_coef < 0 or config.ptx_examples < 1:

@@ -270,3 +270,10 @@ def test_the_world_preset_picks_csr_settings_and_flags_still_win():
     assert (mine.redundant_cos, mine.w_sft, mine.beta) == (None, 1.0, 0.1)  # "none" sets a field back to None
     paper, _ = parse_config(["--model", "some/dir"])
     assert paper.redundant_cos is None and paper.w_sft == 0.0 and paper.beta == 0.1  # real checkpoints: the paper's
+
+
+@pytest.mark.parametrize("flag", ["--data", "--clip", "--ptx_data", "--eval_annotations"])
+def test_real_data_flags_without_a_model_are_refused_not_ignored(flag, capsys):
+    with pytest.raises(SystemExit):
+        csr.parse_config(["--preset", "micro", flag, "somewhere"])
+    assert f"{flag} need --model (without it, the built-in world runs)" in capsys.readouterr().err

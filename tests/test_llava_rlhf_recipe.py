@@ -226,3 +226,12 @@ def test_micro_run_on_user_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"prompts.jsonl:1: .*nowhere.png"):
         main(args[:-2] + ["--out", str(tmp_path / "bad2")])
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
+@pytest.mark.parametrize("flag", ["--preferences", "--captions", "--ptx_data", "--eval_annotations"])
+def test_real_data_flags_without_data_are_refused_not_ignored(flag, capsys):
+    from recipes.llava_rlhf import parse_config
+
+    with pytest.raises(SystemExit):
+        parse_config(["--preset", "micro", flag, "somewhere"])
+    assert f"{flag} go with --data (real data)" in capsys.readouterr().err

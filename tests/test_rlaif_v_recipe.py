@@ -238,6 +238,13 @@ def test_reject_repeats_is_refused_on_a_real_run(tmp_path, micro_models):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag", ["--data", "--images", "--ptx_data", "--eval_synonyms"])
+def test_real_data_flags_without_a_model_are_refused_not_ignored(flag, capsys):
+    with pytest.raises(SystemExit):
+        rlaif_v.resolve_config(["--preset", "micro", flag, "somewhere"])
+    assert f"{flag} need --model (without it, the built-in world runs)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # small pieces, by hand
 # ---------------------------------------------------------------------------------------------

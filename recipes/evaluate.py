@@ -412,6 +412,9 @@ def main(argv=None) -> dict:
     config = config_from_args(parser.parse_args(argv), EvalConfig())
     set_cpu_threads()
     print_config(config, "evaluate")
+    if config.annotations is None and (config.images is not None or config.synonyms is not None):
+        parser.error("--images / --synonyms go with --annotations (a COCO-style evaluation); without it the "
+                     "built-in world's test split is used")
     if config.annotations is not None:
         if config.model is None or config.images is None:
             parser.error("a COCO-style evaluation needs --model, --annotations and --images")

@@ -406,6 +406,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = config_from_args(args, SFTConfig())
     world = config.model is None and config.data is None
+    if world and config.images is not None:
+        parser.error("--images goes with --model and --data; without them the built-in world is used")
     if world:  # world defaults first, then the flags the user gave on top
         config = config_from_args(args, world_sft_defaults(config_from_args(args, SFTConfig())))
     elif config.model is None or config.data is None:

@@ -197,3 +197,11 @@ def test_cli_on_a_coco_style_set(coco_files, micro_checkpoint, tmp_path):
              "--synonyms", str(synonyms), "--out", str(out), "--max_new_tokens", "8"])
     metrics = json.loads(out.read_text())
     assert set(KEYS) <= set(metrics) and all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+@pytest.mark.parametrize("flag", ["--images", "--synonyms"])
+def test_coco_flags_without_annotations_are_refused_not_ignored(flag, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        ev.main([flag, "somewhere", "--out", str(tmp_path / "eval.json")])
+    assert "go with --annotations" in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists()

@@ -270,3 +270,11 @@ def test_cli_trains_a_real_layout_checkpoint_on_llava_json(tiny_checkpoint, tmp_
     assert any(k.startswith("language_model.") for k in changed)
     assert any(k.startswith("multi_modal_projector.") for k in changed)
     assert not any(k.startswith("vision_tower.") for k in changed)  # frozen by default, as in LLaVA-1.5
+
+
+def test_images_without_model_and_data_is_refused_not_ignored(capsys):
+    from recipes.sft import main
+
+    with pytest.raises(SystemExit):
+        main(["--images", "somewhere"])
+    assert "--images goes with --model and --data" in capsys.readouterr().err

@@ -336,7 +336,7 @@ WORLD_PRESETS = {
     # question-only SFT conversations (the float32 builds learnt the yes/no answers worse; docs/WORLD_BUILDS.md).
     # From an empty cache, 2 cores, all five targets met: 1,262 s on an AMD EPYC (Zen 3; SFT CHAIR_s 32.0%, recall
     # 81.2%, POPE 71.7%, labeler 96.0%), 1,147 s on an Intel Xeon (Ice Lake), both with a labeler of 500 steps,
-    # and 579-608 s on a Xeon with AMX, the same models on both Xeons (SFT CHAIR_s 22.5%, recall 74.3%, POPE 92.8%,
+    # and 579-711 s on a Xeon with AMX, the same models on both Xeons (SFT CHAIR_s 22.5%, recall 74.3%, POPE 92.8%,
     # labeler 97.7%). Its reward CLIP sees one-object scenes a fifth of the time, so that it scores true sentences
     # about one object of several (CSR's recall held at its last iteration: docs/CSR.md); the other stages do not
     # read that field. Its labeler trains 300 steps (500 before, 2b78d1ce908d): 97.7% against 98.0% on the Xeons'

@@ -604,6 +604,11 @@ def parse_config(argv=None) -> tuple[CSRConfig, argparse.Namespace]:
     given_real = [f"--{name}" for name in real_only if getattr(config, name) is not None]
     if config.model is None and given_real:
         parser.error(f"{' / '.join(given_real)} need --model (without it, the built-in world runs)")
+    if config.n_candidates < 1 or config.k < 1 or (config.k_bottom is not None and config.k_bottom < 0):
+        parser.error(f"--n_candidates and --k must be >= 1 and --k_bottom >= 0, got {config.n_candidates}, "
+                     f"{config.k}, {config.k_bottom}")
+    if config.temperature <= 0:
+        parser.error(f"--temperature must be > 0 (the candidate sentences are sampled), got {config.temperature}")
     if config.normalize not in ("none", "rank"):
         parser.error(f"--normalize must be none or rank, got {config.normalize!r}")
     if not 0.0 <= config.lam <= 1.0:

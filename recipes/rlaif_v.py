@@ -591,6 +591,12 @@ def resolve_config(argv=None) -> tuple[RLAIFVConfig, str]:
         parser.error("--ptx_coef > 0 on a real run needs --ptx_data (SFT conversations, LLaVA's JSON)")
     if config.ptx_coef < 0 or config.ptx_examples < 1:
         parser.error(f"--ptx_coef must be >= 0 and --ptx_examples >= 1, got {config.ptx_coef}, {config.ptx_examples}")
+    if config.n_samples < 2:
+        parser.error(f"--n_samples must be >= 2 (pairs are formed among an instruction's samples), got "
+                     f"{config.n_samples}")
+    if config.temperature <= 0 or not 0 < config.top_p <= 1:
+        parser.error(f"--temperature must be > 0 and --top_p in (0, 1] (the n responses are sampled), got "
+                     f"{config.temperature}, {config.top_p}")
     if config.reference not in ("iteration", "sft"):
         parser.error(f"--reference must be 'iteration' or 'sft', got {config.reference!r}")
     if config.out is None:

@@ -277,3 +277,12 @@ def test_real_data_flags_without_a_model_are_refused_not_ignored(flag, capsys):
     with pytest.raises(SystemExit):
         csr.parse_config(["--preset", "micro", flag, "somewhere"])
     assert f"{flag} need --model (without it, the built-in world runs)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--k", "0"], "--n_candidates and --k must be >= 1"),
+                                            (["--n_candidates", "0"], "--n_candidates and --k must be >= 1"),
+                                            (["--temperature", "0"], "--temperature must be > 0")])
+def test_search_settings_that_cannot_make_pairs_are_refused_up_front(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        csr.parse_config(["--preset", "micro"] + flags)
+    assert message in capsys.readouterr().err

@@ -264,6 +264,14 @@ def check_config(config: RLHFConfig) -> None:
     if config.rollout_batch % world or config.rollout_batch // world < minibatches:
         problems.append(f"rollout_batch {config.rollout_batch} must split evenly over {world} ranks with at least "
                         f"{minibatches} rollouts each")
+    counts = {"pair_prompts": config.pair_prompts, "pairs_per_prompt": config.pairs_per_prompt,
+              "rm_epochs": config.rm_epochs, "rollouts_per_iteration": config.rollouts_per_iteration,
+              "ppo_epochs": config.ppo_epochs}
+    small = [f"{name} {value}" for name, value in counts.items() if value < 1]
+    if small:
+        problems.append(f"{', '.join(small)}: each must be >= 1 (ppo_iterations 0 skips PPO)")
+    if config.kl_coef < 0:
+        problems.append(f"kl_coef must be >= 0 (a penalty on the policy's KL from the SFT model), got {config.kl_coef}")
     if config.samples_per_prompt < 2 and config.data is None:
         problems.append("samples_per_prompt must be >= 2 (pairs are formed among a prompt's samples)")
     if not 0.0 < config.rm_eval_share < 1.0:

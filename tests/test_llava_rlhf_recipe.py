@@ -235,3 +235,15 @@ def test_real_data_flags_without_data_are_refused_not_ignored(flag, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--preset", "micro", flag, "somewhere"])
     assert f"{flag} go with --data (real data)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--kl_coef", "-1"], "kl_coef must be >= 0"),
+                                            (["--rm_epochs", "0"], "rm_epochs 0: each must be >= 1"),
+                                            (["--pairs_per_prompt", "0", "--rollouts_per_iteration", "0"],
+                                             "pairs_per_prompt 0, rollouts_per_iteration 0: each must be >= 1")])
+def test_settings_that_cannot_run_are_refused_before_any_work(flags, message, tmp_path):
+    from recipes.llava_rlhf import main
+
+    with pytest.raises(ValueError, match=message):
+        main(["--preset", "micro", "--threads", "1", "--out", str(tmp_path / "run")] + flags)
+    assert not (tmp_path / "run").exists()

@@ -41,6 +41,16 @@ def check_batch_splits(global_batch: int, micro: int, world: int) -> None:
                      f"{world} rank(s); e.g. {hint}")
 
 
+def check_dpo_settings(*, beta: float, lr: float, lora_r: int | None) -> None:
+    """DPO settings that would fail at the first training step, refused before any collection (``lora_r``
+    None: no LoRA)."""
+    problems = [f"--beta must be > 0, got {beta}"] if beta <= 0 else []
+    problems += [f"--lr must be > 0, got {lr}"] if lr <= 0 else []
+    problems += [f"--lora_r must be >= 1, got {lora_r}"] if lora_r is not None and lora_r < 1 else []
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class PreferencePairs:
     """Pair records -> examples: the chosen and the rejected conversation, each encoded with its
     assistant mask, and the image (``[1, 3, H, W]``, or None for a text-only pair); with ``replay``, an

@@ -75,7 +75,7 @@ from optim.train import TrainConfig  # noqa: E402
 from recipes._common import (Progress, add_config_arguments, config_from_args, config_to_dict,  # noqa: E402
                              print_config, set_cpu_threads, threads_per_process)
 from recipes._dpo import (LoraSettings, PreferencePairs, add_reference_logps, check_batch_splits,  # noqa: E402
-                          train_dpo)
+                          check_dpo_settings, train_dpo)
 from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
 from rewards.calibrated import rank_path_score  # noqa: E402
@@ -628,6 +628,7 @@ def main(argv=None) -> dict:
 
     # inputs, checked before anything is computed; the run directory (a different config is refused)
     dpo_batch_size(config, config.global_batch_size, get_world_size())  # the DPO batch fits the ranks
+    check_dpo_settings(beta=config.beta, lr=config.lr, lora_r=config.lora_r)
     inputs = resolve_inputs(config)
     out = open_run(config.out, RECIPE, config_to_dict(config), models={"policy": inputs.model, "clip": inputs.clip})
     tokenizer = Tokenizer.from_file(inputs.model)

@@ -89,7 +89,7 @@ from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
 from recipes._dpo import (LoraSettings, PreferencePairs, add_reference_logps, check_batch_splits,  # noqa: E402
-                          train_dpo)
+                          check_dpo_settings, train_dpo)
 from recipes._ptx import replay_dataset, replay_source  # noqa: E402
 from recipes._run import (collect, format_changes, format_table, mark_done, model_done, open_run,  # noqa: E402
                           write_summary)
@@ -700,6 +700,7 @@ def main(argv=None) -> dict:
 
     # -- inputs, models: every check before the run directory is touched ------------------------------
     dpo_batch_size(config, config.global_batch_size, get_world_size())  # the batch fits the ranks
+    check_dpo_settings(beta=config.beta, lr=config.lr, lora_r=config.lora_r if config.lora else None)
     inputs = resolve_inputs(config)
     tokenizer = Tokenizer.from_file(inputs.sft)
     labeler_tokenizer = Tokenizer.from_file(inputs.labeler)

@@ -101,13 +101,16 @@ def test_micro_run_files_summary_and_rerun(tmp_path, micro_models, monkeypatch):
         csr.main(["--preset", "micro", "--out", str(out), "--lam", "0"])
 
 
-def test_a_batch_the_ranks_cannot_split_is_refused_before_any_search(tmp_path, micro_models, monkeypatch):
-    """The micro preset's DPO batch (2, micro-batches of 1) over 3 ranks: refused before the run directory or
-    the first beam search, not after a whole collection (as it was)."""
+def test_dpo_settings_that_cannot_train_are_refused_before_any_search(tmp_path, micro_models, monkeypatch):
+    """The micro preset's DPO batch (2, micro-batches of 1) over 3 ranks, or beta 0: refused before the run
+    directory or the first beam search, not after a whole collection (as they were)."""
     monkeypatch.setattr(csr, "get_world_size", lambda: 3)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="global_batch_size 2 is not a multiple of --micro_batch_size 1 x 3 rank"):
         csr.main(["--preset", "micro", "--out", str(out)])
+    monkeypatch.setattr(csr, "get_world_size", lambda: 1)
+    with pytest.raises(ValueError, match="--beta must be > 0, got 0.0"):  # would fail at the first DPO step
+        csr.main(["--preset", "micro", "--out", str(out), "--beta", "0"])
     assert not out.exists()
 
 

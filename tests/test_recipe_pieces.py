@@ -7,8 +7,8 @@ import torch
 
 from lvlm.llava import LlavaForConditionalGeneration
 from optim.train import TrainConfig
-from recipes._dpo import (PreferencePairs, add_reference_logps, check_batch_splits, collate_pairs, dpo_loss_fn,
-                          response_logps, train_dpo)
+from recipes._dpo import (PreferencePairs, add_reference_logps, check_batch_splits, check_dpo_settings, collate_pairs,
+                          dpo_loss_fn, response_logps, train_dpo)
 from recipes._run import collect, format_changes, format_table, open_run, write_summary
 from tests.tiny_tokenizer import tiny_llava_config, tiny_tokenizer
 
@@ -175,3 +175,11 @@ def test_a_batch_the_ranks_cannot_split_is_refused_with_a_flag_that_would():
         check_batch_splits(16, 3, 4)  # the largest micro-batch below 3 that splits 16 over 4 ranks
     with pytest.raises(ValueError, match=r"e.g. --global_batch_size 3$"):
         check_batch_splits(2, 1, 3)  # no micro-batch splits 2 over 3 ranks: the batch must change
+
+
+def test_dpo_settings_that_would_fail_at_the_first_step_are_named_together():
+    check_dpo_settings(beta=0.1, lr=1e-6, lora_r=None)
+    check_dpo_settings(beta=0.1, lr=1e-6, lora_r=128)
+    with pytest.raises(ValueError, match=r"^--beta must be > 0, got 0.0; --lr must be > 0, got -1.0; "
+                                         r"--lora_r must be >= 1, got 0$"):
+        check_dpo_settings(beta=0.0, lr=-1.0, lora_r=0)

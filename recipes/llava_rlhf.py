@@ -270,6 +270,10 @@ def check_config(config: RLHFConfig) -> None:
     small = [f"{name} {value}" for name, value in counts.items() if value < 1]
     if small:
         problems.append(f"{', '.join(small)}: each must be >= 1 (ppo_iterations 0 skips PPO)")
+    rates = {"rm_lr": config.rm_lr, "ppo_lr": config.ppo_lr, "rm_reading_lr": config.rm_reading_lr}
+    bad_rates = [f"{name} {value}" for name, value in rates.items() if value <= 0]
+    if bad_rates:
+        problems.append(f"{', '.join(bad_rates)}: learning rates must be > 0")
     if config.kl_coef < 0:
         problems.append(f"kl_coef must be >= 0 (a penalty on the policy's KL from the SFT model), got {config.kl_coef}")
     if config.samples_per_prompt < 2 and config.data is None:

@@ -239,6 +239,8 @@ def test_real_data_flags_without_data_are_refused_not_ignored(flag, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--kl_coef", "-1"], "kl_coef must be >= 0"),
                                             (["--rm_epochs", "0"], "rm_epochs 0: each must be >= 1"),
+                                            (["--rm_lr", "0", "--ppo_lr", "-1"],
+                                             "rm_lr 0.0, ppo_lr -1.0: learning rates must be > 0"),
                                             (["--pairs_per_prompt", "0", "--rollouts_per_iteration", "0"],
                                              "pairs_per_prompt 0, rollouts_per_iteration 0: each must be >= 1")])
 def test_settings_that_cannot_run_are_refused_before_any_work(flags, message, tmp_path):

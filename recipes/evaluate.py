@@ -412,6 +412,9 @@ def main(argv=None) -> dict:
     config = config_from_args(parser.parse_args(argv), EvalConfig())
     set_cpu_threads()
     print_config(config, "evaluate")
+    if config.n_images < 1 or config.batch_size < 1 or config.max_new_tokens < 1:
+        parser.error(f"--n_images, --batch_size and --max_new_tokens must be >= 1, got {config.n_images}, "
+                     f"{config.batch_size}, {config.max_new_tokens}")
     if config.annotations is None and (config.images is not None or config.synonyms is not None):
         parser.error("--images / --synonyms go with --annotations (a COCO-style evaluation); without it the "
                      "built-in world's test split is used")

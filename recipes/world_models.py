@@ -1236,11 +1236,27 @@ def build_world_models(config: WorldModelsConfig, root: str | Path, *, verbose: 
     """Run the chain of the module docstring into ``root`` (stages already saved there are skipped);
     writes ``report.json`` with the measured targets and the seconds each stage took. ``threads``: see
     ``ensure_world_models``."""
+    check_config(config)
     caller_threads = torch.get_num_threads()
     try:
         return _build(config, Path(root), verbose, threads)
     finally:
         torch.set_num_threads(caller_threads)
+
+
+def check_config(c: WorldModelsConfig) -> None:
+    """Refuse step and batch counts that would fail at their stage, after the stages before it trained:
+    every stage needs a step and an example, but grounding and the reward CLIP, which 0 steps skip."""
+    counts = {"clip_steps": c.clip_steps, "align_steps": c.align_steps, "sft_steps": c.sft_steps,
+              "labeler_steps": c.labeler_steps, "micro_batch": c.micro_batch, "clip_batch": c.clip_batch,
+              "ground_batch": c.ground_batch, "align_batch": c.align_batch, "sft_batch": c.sft_batch,
+              "labeler_batch": c.labeler_batch, "train_scenes": c.train_scenes}
+    bad = [f"{name} {value}" for name, value in counts.items() if value < 1]
+    bad += [f"{name} {value}" for name, value in (("ground_steps", c.ground_steps),
+                                                  ("reward_clip_steps", c.reward_clip_steps)) if value < 0]
+    if bad:
+        raise ValueError(f"world models config: {', '.join(bad)}: steps, batches and scenes must be >= 1 "
+                         "(ground_steps and reward_clip_steps may be 0: that stage is skipped)")
 
 
 def bf16_is_slow() -> bool:

@@ -199,9 +199,11 @@ def test_cli_on_a_coco_style_set(coco_files, micro_checkpoint, tmp_path):
     assert set(KEYS) <= set(metrics) and all(0.0 <= v <= 1.0 for v in metrics.values())
 
 
-@pytest.mark.parametrize("flag", ["--images", "--synonyms"])
-def test_coco_flags_without_annotations_are_refused_not_ignored(flag, capsys, tmp_path):
+@pytest.mark.parametrize("flags, message", [(["--images", "somewhere"], "go with --annotations"),
+                                            (["--synonyms", "somewhere"], "go with --annotations"),
+                                            (["--batch_size", "0"], "--batch_size and --max_new_tokens must be >= 1")])
+def test_flags_that_cannot_work_are_refused_not_ignored(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
-        ev.main([flag, "somewhere", "--out", str(tmp_path / "eval.json")])
-    assert "go with --annotations" in capsys.readouterr().err
+        ev.main(flags + ["--out", str(tmp_path / "eval.json")])
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "eval.json").exists()

@@ -579,3 +579,11 @@ def test_short_answer_accuracy_counts_by_kind_and_object_count(micro, monkeypatc
     assert result["several/no binding"] == pytest.approx(sum(no_binding) / len(no_binding))
     if oracle == "first":
         assert len(asked) == 18 and {a for _, a in asked} == {MICRO.world.colour_names, MICRO.world.shapes, PLACES}
+
+
+def test_step_and_batch_counts_that_would_fail_at_their_stage_are_refused_before_the_first(tmp_path):
+    bad = dataclasses.replace(MICRO, sft_steps=0, labeler_batch=0, reward_clip_steps=-1)
+    with pytest.raises(ValueError, match=r"sft_steps 0, labeler_batch 0, reward_clip_steps -1: steps, batches"):
+        wm.build_world_models(bad, tmp_path / "bad", verbose=False)
+    assert not (tmp_path / "bad").exists()  # refused before CLIP trained
+    wm.check_config(dataclasses.replace(MICRO, ground_steps=0, reward_clip_steps=0))  # 0 skips those two stages

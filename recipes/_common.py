@@ -119,6 +119,12 @@ def config_from_args(args: argparse.Namespace, config):
     return config
 
 
+def given_flags(config, names) -> list[str]:
+    """The flags among ``names`` (config fields whose default is None) that the command line set, as
+    "--name": for refusing real-data flags on the built-in world rather than ignoring them."""
+    return [f"--{name}" for name in names if getattr(config, name) is not None]
+
+
 def config_to_dict(config) -> dict:
     """A JSON-ready dict of a dataclass config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))

@@ -73,7 +73,7 @@ from lvlm.tokenizer import IMAGE_MARKER, Tokenizer, encode_prompt  # noqa: E402
 from optim.distributed import barrier, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig  # noqa: E402
 from recipes._common import (Progress, add_config_arguments, config_from_args, config_to_dict,  # noqa: E402
-                             print_config, set_cpu_threads, threads_per_process)
+                             given_flags, print_config, set_cpu_threads, threads_per_process)
 from recipes._dpo import (LoraSettings, PreferencePairs, add_reference_logps, check_batch_splits,  # noqa: E402
                           check_dpo_settings, train_dpo)
 from recipes._ptx import replay_dataset, replay_source  # noqa: E402
@@ -600,8 +600,8 @@ def parse_config(argv=None) -> tuple[CSRConfig, argparse.Namespace]:
         world = resolve_world_preset(given.world_preset)
         defaults = dataclasses.replace(defaults, **WORLD_CSR_ON.get(world, {}))
     config = config_from_args(args, defaults)
-    real_only = ("clip", "data", "images", "ptx_data", "eval_annotations", "eval_image_dir", "eval_synonyms")
-    given_real = [f"--{name}" for name in real_only if getattr(config, name) is not None]
+    given_real = given_flags(config, ("clip", "data", "images", "ptx_data", "eval_annotations", "eval_image_dir",
+                                      "eval_synonyms"))
     if config.model is None and given_real:
         parser.error(f"{' / '.join(given_real)} need --model (without it, the built-in world runs)")
     if config.n_candidates < 1 or config.k < 1 or (config.k_bottom is not None and config.k_bottom < 0):
@@ -627,7 +627,7 @@ def main(argv=None) -> dict:
         print_config(config, "csr")
 
     # inputs, checked before anything is computed; the run directory (a different config is refused)
-    dpo_batch_size(config, config.global_batch_size, get_world_size())  # the DPO batch fits the ranks
+    check_batch_splits(config.global_batch_size, config.micro_batch_size, get_world_size())
     check_dpo_settings(beta=config.beta, lr=config.lr, lora_r=config.lora_r)
     inputs = resolve_inputs(config)
     out = open_run(config.out, RECIPE, config_to_dict(config), models={"policy": inputs.model, "clip": inputs.clip})

@@ -81,7 +81,7 @@ from optim.lora import lora_modules  # noqa: E402
 from optim.distributed import barrier, get_rank, get_world_size, is_main_process, setup_distributed  # noqa: E402
 from optim.train import TrainConfig, batch_for_ranks, lr_at, train  # noqa: E402
 from recipes._common import (add_config_arguments, config_from_args, config_to_dict, format_seconds,  # noqa: E402
-                             print_config, set_cpu_threads)
+                             given_flags, print_config, set_cpu_threads)
 from recipes._ppo import make_rollout, ppo_update, rewards_and_advantages, rollout_stats  # noqa: E402
 from recipes._ptx import replay_batch, replay_dataset, replay_indices  # noqa: E402
 from recipes._run import collect, mark_done, model_done, open_run, print_summary, write_summary  # noqa: E402
@@ -1116,9 +1116,8 @@ def parse_config(argv=None) -> tuple[RLHFConfig, str]:
         config = dataclasses.replace(config, use_facts=False)
     if config.out is None:
         config = dataclasses.replace(config, out=default_out(config, preset))
-    real_only = ("preferences", "images", "captions", "ptx_data", "eval_annotations", "eval_image_dir",
-                 "eval_synonyms")
-    given_real = [f"--{name}" for name in real_only if getattr(config, name) is not None]
+    given_real = given_flags(config, ("preferences", "images", "captions", "ptx_data", "eval_annotations",
+                                      "eval_image_dir", "eval_synonyms"))
     if config.data is None and given_real:
         parser.error(f"{' / '.join(given_real)} go with --data (real data); without --data the built-in world "
                      "is used")

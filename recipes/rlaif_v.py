@@ -559,7 +559,7 @@ def _print(*parts) -> None:
 
 def resolve_config(argv=None) -> tuple[RLAIFVConfig, str]:
     """Parse the command line: the preset (``paper`` with --model, else ``world``), then the flags on top."""
-    from recipes._common import add_config_arguments, config_from_args
+    from recipes._common import add_config_arguments, config_from_args, given_flags
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -578,9 +578,8 @@ def resolve_config(argv=None) -> tuple[RLAIFVConfig, str]:
     real = config.model is not None
     if real and config.data is None:
         parser.error("a real run needs --data (and --images) beside --model")
-    real_only = ("data", "images", "labeler", "splitter", "ptx_data", "eval_annotations", "eval_image_dir",
-                 "eval_synonyms")
-    given_real = [f"--{name}" for name in real_only if getattr(config, name) is not None]
+    given_real = given_flags(config, ("data", "images", "labeler", "splitter", "ptx_data", "eval_annotations",
+                                      "eval_image_dir", "eval_synonyms"))
     if not real and given_real:
         parser.error(f"{' / '.join(given_real)} need --model (without it, the built-in world runs)")
     if real and config.yes_no_share > 0:
@@ -699,7 +698,7 @@ def main(argv=None) -> dict:
         print_config(config, f"rlaif_v ({preset_name} preset)")
 
     # -- inputs, models: every check before the run directory is touched ------------------------------
-    dpo_batch_size(config, config.global_batch_size, get_world_size())  # the batch fits the ranks
+    check_batch_splits(config.global_batch_size, config.micro_batch_size, get_world_size())
     check_dpo_settings(beta=config.beta, lr=config.lr, lora_r=config.lora_r if config.lora else None)
     inputs = resolve_inputs(config)
     tokenizer = Tokenizer.from_file(inputs.sft)

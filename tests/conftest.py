@@ -21,3 +21,15 @@ def world_cache(tmp_path_factory):
     patch.setenv("LVLM_CACHE", str(tmp_path_factory.mktemp("lvlm_cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture
+def refusal(capsys):
+    """``refusal(parse, argv)``: run a command-line parser that must refuse ``argv`` (argparse's
+    ``parser.error``, a SystemExit) and return what it printed to stderr."""
+    def refuse(parse, argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            parse(argv)
+        return capsys.readouterr().err
+    return refuse

@@ -276,16 +276,13 @@ def test_the_world_preset_picks_csr_settings_and_flags_still_win():
 
 
 @pytest.mark.parametrize("flag", ["--data", "--clip", "--ptx_data", "--eval_annotations"])
-def test_real_data_flags_without_a_model_are_refused_not_ignored(flag, capsys):
-    with pytest.raises(SystemExit):
-        csr.parse_config(["--preset", "micro", flag, "somewhere"])
-    assert f"{flag} need --model (without it, the built-in world runs)" in capsys.readouterr().err
+def test_real_data_flags_without_a_model_are_refused_not_ignored(flag, refusal):
+    err = refusal(csr.parse_config, ["--preset", "micro", flag, "somewhere"])
+    assert f"{flag} need --model (without it, the built-in world runs)" in err
 
 
 @pytest.mark.parametrize("flags, message", [(["--k", "0"], "--n_candidates and --k must be >= 1"),
                                             (["--n_candidates", "0"], "--n_candidates and --k must be >= 1"),
                                             (["--temperature", "0"], "--temperature must be > 0")])
-def test_search_settings_that_cannot_make_pairs_are_refused_up_front(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        csr.parse_config(["--preset", "micro"] + flags)
-    assert message in capsys.readouterr().err
+def test_search_settings_that_cannot_make_pairs_are_refused_up_front(flags, message, refusal):
+    assert message in refusal(csr.parse_config, ["--preset", "micro"] + flags)

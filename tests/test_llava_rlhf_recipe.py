@@ -229,12 +229,10 @@ def test_micro_run_on_user_files(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--preferences", "--captions", "--ptx_data", "--eval_annotations"])
-def test_real_data_flags_without_data_are_refused_not_ignored(flag, capsys):
+def test_real_data_flags_without_data_are_refused_not_ignored(flag, refusal):
     from recipes.llava_rlhf import parse_config
 
-    with pytest.raises(SystemExit):
-        parse_config(["--preset", "micro", flag, "somewhere"])
-    assert f"{flag} go with --data (real data)" in capsys.readouterr().err
+    assert f"{flag} go with --data (real data)" in refusal(parse_config, ["--preset", "micro", flag, "somewhere"])
 
 
 @pytest.mark.parametrize("flags, message", [(["--kl_coef", "-1"], "kl_coef must be >= 0"),

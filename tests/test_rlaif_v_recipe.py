@@ -239,19 +239,16 @@ def test_reject_repeats_is_refused_on_a_real_run(tmp_path, micro_models):
 
 
 @pytest.mark.parametrize("flag", ["--data", "--images", "--ptx_data", "--eval_synonyms"])
-def test_real_data_flags_without_a_model_are_refused_not_ignored(flag, capsys):
-    with pytest.raises(SystemExit):
-        rlaif_v.resolve_config(["--preset", "micro", flag, "somewhere"])
-    assert f"{flag} need --model (without it, the built-in world runs)" in capsys.readouterr().err
+def test_real_data_flags_without_a_model_are_refused_not_ignored(flag, refusal):
+    err = refusal(rlaif_v.resolve_config, ["--preset", "micro", flag, "somewhere"])
+    assert f"{flag} need --model (without it, the built-in world runs)" in err
 
 
 @pytest.mark.parametrize("flags, message", [(["--n_samples", "1"], "--n_samples must be >= 2"),
                                             (["--temperature", "0"], "--temperature must be > 0"),
                                             (["--top_p", "0"], "--top_p in (0, 1]")])
-def test_sampling_settings_that_cannot_make_pairs_are_refused_up_front(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        rlaif_v.resolve_config(["--preset", "micro"] + flags)
-    assert message in capsys.readouterr().err
+def test_sampling_settings_that_cannot_make_pairs_are_refused_up_front(flags, message, refusal):
+    assert message in refusal(rlaif_v.resolve_config, ["--preset", "micro"] + flags)
 
 
 # ---------------------------------------------------------------------------------------------

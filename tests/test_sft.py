@@ -272,9 +272,7 @@ def test_cli_trains_a_real_layout_checkpoint_on_llava_json(tiny_checkpoint, tmp_
     assert not any(k.startswith("vision_tower.") for k in changed)  # frozen by default, as in LLaVA-1.5
 
 
-def test_images_without_model_and_data_is_refused_not_ignored(capsys):
+def test_images_without_model_and_data_is_refused_not_ignored(refusal):
     from recipes.sft import main
 
-    with pytest.raises(SystemExit):
-        main(["--images", "somewhere"])
-    assert "--images goes with --model and --data" in capsys.readouterr().err
+    assert "--images goes with --model and --data" in refusal(main, ["--images", "somewhere"])
